@@ -1,0 +1,32 @@
+"""coorkern: fused kernels for heatmap-based anatomical landmark detection.
+
+Public API:
+
+* :func:`central_loss`, :func:`central_loss_from_landmarks`, :class:`CentralLoss`
+  -- the position- and sample-aware central loss, fused forward/backward;
+* :func:`backend` -- force the implementation (``triton``/``cpp``/``reference``);
+* :mod:`coorkern.reference` -- eager PyTorch oracles for every op.
+
+Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C++.
+"""
+
+from . import reference
+from ._backend import BACKENDS, BackendUnavailableError, backend
+from ._extension import cpp_available
+from .ops.central_loss import CentralLoss, central_loss, central_loss_from_landmarks
+from .ops.coor_attention import CoorAttention, coor_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "CentralLoss",
+    "CoorAttention",
+    "backend",
+    "central_loss",
+    "central_loss_from_landmarks",
+    "coor_attention",
+    "cpp_available",
+    "reference",
+]

@@ -1,0 +1,156 @@
+// Coordinate-indexed attention on CPU tensors: torch.ops.coorkern.coor_attention[_backward].
+//
+// Composes ATen's kernels (the issue: do not hand-write what ATen already does well):
+//   forward : grid_sampler_2d per sampled tensor -> the CPU flash attention kernel
+//             (_scaled_dot_product_flash_attention_for_cpu), which also returns the
+//             log-sum-exp, so nothing N x N is ever allocated;
+//   backward: the flash attention backward from that log-sum-exp, then
+//             grid_sampler_2d_backward scatters the sampled gradients to the maps and
+//             gives the coordinate gradient (summed over heads for shared coords and
+//             over the two sampled tensors).
+// Half inputs are computed in float32 (CPUs have no fast half matmul and the
+// coordinates need float32 precision anyway), float64 stays float64.
+//
+// Layouts: maps (B, heads, H, W, d) channels-last per head, tokens (B, heads, N, d),
+// coords (B, N, 2) shared by the heads or (B, heads, N, 2), (x, y) normalized as in
+// grid_sample.  Schemas must match SCHEMAS in coorkern/ops/coor_attention.py.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+
+namespace coorkern {
+namespace {
+
+constexpr int64_t kBilinear = 0;
+constexpr int64_t kZeros = 0;
+
+at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_sample(const std::string& sample) {
+  TORCH_CHECK(sample == "qk" || sample == "kv", "coor_attention: sample must be 'qk' or 'kv', got '", sample, "'");
+}
+
+// (B, heads, H, W, d) map -> (B*heads, d, H, W) in the compute dtype, as grid_sampler wants.
+at::Tensor map_nchw(const at::Tensor& m, at::ScalarType ct) {
+  TORCH_CHECK(m.dim() == 5, "coor_attention: maps must have shape (B, heads, H, W, d), got ", m.sizes());
+  return m.to(ct).permute({0, 1, 4, 2, 3}).reshape({m.size(0) * m.size(1), m.size(4), m.size(2), m.size(3)});
+}
+
+// coords (B, N, 2) or (B, heads, N, 2) -> grid (B*heads, 1, N, 2).
+at::Tensor make_grid(const at::Tensor& coords, int64_t batch, int64_t heads, at::ScalarType ct) {
+  TORCH_CHECK((coords.dim() == 3 || coords.dim() == 4) && coords.size(-1) == 2,
+              "coor_attention: coords must have shape (B, N, 2) or (B, heads, N, 2), got ", coords.sizes());
+  auto g = coords.to(ct);
+  const int64_t n = g.size(-2);
+  if (g.dim() == 3) g = g.unsqueeze(1).expand({batch, heads, n, 2});
+  return g.reshape({batch * heads, 1, n, 2});
+}
+
+// grid_sampler output (B*heads, d, 1, N) -> tokens (B, heads, N, d).
+at::Tensor sampled_tokens(const at::Tensor& nchw, const at::Tensor& grid, bool align_corners, int64_t batch,
+                          int64_t heads) {
+  auto s = at::grid_sampler_2d(nchw, grid, kBilinear, kZeros, align_corners);
+  return s.reshape({batch, heads, s.size(1), s.size(3)}).transpose(-1, -2).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> coor_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& coords, c10::string_view sample_sv,
+                                                      double scale, bool align_corners) {
+  const std::string sample(sample_sv);
+  check_sample(sample);
+  const auto ct = compute_type(q);
+  const int64_t batch = q.size(0), heads = q.size(1);
+  const auto grid = make_grid(coords, batch, heads, ct);
+  at::Tensor qs, ks, vs;
+  ks = sampled_tokens(map_nchw(k, ct), grid, align_corners, batch, heads);
+  if (sample == "qk") {
+    qs = sampled_tokens(map_nchw(q, ct), grid, align_corners, batch, heads);
+    vs = v.to(ct).contiguous();
+  } else {
+    qs = q.to(ct).contiguous();
+    vs = sampled_tokens(map_nchw(v, ct), grid, align_corners, batch, heads);
+  }
+  auto res = at::_scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, false, c10::nullopt, scale);
+  auto out = std::get<0>(res).to(q.scalar_type()).contiguous();
+  auto lse = std::get<1>(res).to(ct).contiguous();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coor_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& coords, const at::Tensor& out, const at::Tensor& lse, c10::string_view sample_sv,
+    double scale, bool align_corners) {
+  const std::string sample(sample_sv);
+  check_sample(sample);
+  const auto ct = compute_type(q);
+  const int64_t batch = q.size(0), heads = q.size(1);
+  const auto grid = make_grid(coords, batch, heads, ct);
+  const bool qk = sample == "qk";
+  // Recompute the sampled tokens (O(N d), cheaper than keeping them alive since forward).
+  const auto k_nchw = map_nchw(k, ct);
+  const auto s_nchw = qk ? map_nchw(q, ct) : map_nchw(v, ct);  // the other sampled map
+  const auto ks = sampled_tokens(k_nchw, grid, align_corners, batch, heads);
+  const auto ss = sampled_tokens(s_nchw, grid, align_corners, batch, heads);
+  const auto qs = qk ? ss : q.to(ct).contiguous();
+  const auto vs = qk ? v.to(ct).contiguous() : ss;
+  auto grads = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      grad_out.to(ct).contiguous(), qs, ks, vs, out.to(ct).contiguous(), lse.to(ct).contiguous(), 0.0, false,
+      c10::nullopt, scale);
+  const auto& dqs = std::get<0>(grads);
+  const auto& dks = std::get<1>(grads);
+  const auto& dvs = std::get<2>(grads);
+
+  // Scatter a sampled-token gradient (B, heads, N, d) back through grid_sample.
+  auto scatter = [&](const at::Tensor& d_tokens, const at::Tensor& nchw, const at::Tensor& fmap) {
+    const int64_t n = d_tokens.size(2), d = d_tokens.size(3);
+    auto g = d_tokens.transpose(-1, -2).reshape({batch * heads, d, 1, n});
+    auto res = at::grid_sampler_2d_backward(g, nchw, grid, kBilinear, kZeros, align_corners,
+                                            std::array<bool, 2>{true, true});
+    auto d_map = std::get<0>(res)
+                     .reshape({batch, heads, d, fmap.size(2), fmap.size(3)})
+                     .permute({0, 1, 3, 4, 2})
+                     .to(fmap.scalar_type())
+                     .contiguous();
+    auto d_grid = std::get<1>(res).reshape({batch, heads, n, 2});
+    return std::make_pair(d_map, d_grid);
+  };
+  auto [dk, dgrid_k] = scatter(dks, k_nchw, k);
+  at::Tensor dq, dv, dgrid;
+  if (qk) {
+    auto [dq_map, dgrid_q] = scatter(dqs, s_nchw, q);
+    dq = dq_map;
+    dv = dvs.to(v.scalar_type()).contiguous();
+    dgrid = dgrid_q + dgrid_k;
+  } else {
+    auto [dv_map, dgrid_v] = scatter(dvs, s_nchw, v);
+    dv = dv_map;
+    dq = dqs.to(q.scalar_type()).contiguous();
+    dgrid = dgrid_v + dgrid_k;
+  }
+  if (coords.dim() == 3) dgrid = dgrid.sum(1);  // shared by the heads
+  auto dcoords = dgrid.to(coords.scalar_type()).contiguous();
+  return {dq, dk, dv, dcoords};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(coorkern, m) {
+  m.def(
+      "coor_attention(Tensor q, Tensor k, Tensor v, Tensor coords, str sample, float scale, bool align_corners) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "coor_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor coords, Tensor out, "
+      "Tensor lse, str sample, float scale, bool align_corners) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(coorkern, CPU, m) {
+  m.impl("coor_attention", &coor_attention_cpu);
+  m.impl("coor_attention_backward", &coor_attention_backward_cpu);
+}
+
+}  // namespace coorkern

@@ -1,0 +1,445 @@
+"""Central loss: Triton (interpreter) and C++ kernels against the eager reference.
+
+Tolerances (compared with the float64 reference evaluated on the same, rounded inputs):
+float64 ~1e-12; float32 rtol 1e-5 on the loss, 1e-4 on the gradient relative to its
+largest entry (1e-2 for r < 1, where d|t-p|^r/dx ~ |t-p|^(r-1) amplifies the rounding
+of p near t == p); float16/bfloat16: rtol 1e-2 / 2e-2 (outputs are rounded to 8 or 11
+mantissa bits; the math runs in float32).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coorkern
+from coorkern import reference
+from coorkern.ops import central_loss as cl_module
+
+BACKENDS = ["cpp", "triton"]
+RS = [0.0, 0.5, 1.0, 2.0, 3.0]
+REDUCTIONS = ["mean", "sum", "none"]
+DTYPE_TOLS = [(torch.float32, 1e-5, 1e-4), (torch.float16, 1e-2, 1e-2), (torch.bfloat16, 2e-2, 2e-2)]
+
+
+def run(backend, fn, *args, **kwargs):
+    with coorkern.backend(backend):
+        return fn(*args, **kwargs)
+
+
+def loss_and_grad(backend, fn, logits, *args, **kwargs):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = run(backend, fn, x, *args, **kwargs)
+    weights = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(1))
+    (loss * weights).sum().backward()  # non-uniform grad_output exercises the "none" path fully
+    return loss.detach(), x.grad
+
+
+def oracle(fn, logits, *args, **kwargs):
+    """The reference in float64 on the given (possibly rounded) inputs."""
+    x64 = logits.detach().double().requires_grad_(True)
+    args = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    loss = fn(x64, *args, **kwargs)
+    weights = torch.rand(loss.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(1)).double()
+    (loss * weights).sum().backward()
+    return loss.detach(), x64.grad
+
+
+def assert_close_scaled(actual, expected, rtol, name):
+    """|actual - expected| <= rtol * max|expected| (+ tiny), elementwise."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, name
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * scale + 1e-30, f"{name}: max error {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def random_inputs(shape, dtype=torch.float32, scale=3.0):
+    logits = (torch.randn(shape) * scale).to(dtype)
+    target = torch.rand(shape).to(dtype)
+    return logits, target
+
+
+# ---------------------------------------------------------------- target variant
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("r", RS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float64_matches_reference(backend, r, reduction):
+    logits, target = random_inputs((3, 7, 33, 65), torch.float64)
+    loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=r, reduction=reduction)
+    ref_loss, ref_grad = oracle(reference.central_loss, logits, target, r=r, reduction=reduction)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("r", [0.0, 0.5, 1.0, 2.0, 2.5])
+def test_gradcheck_float64(backend, r):
+    logits, target = random_inputs((2, 3, 4, 5), torch.float64)
+    logits.requires_grad_(True)
+    for reduction in REDUCTIONS:
+        fn = lambda x: run(backend, coorkern.central_loss, x, target, r=r, reduction=reduction)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,rtol_loss,rtol_grad", DTYPE_TOLS)
+@pytest.mark.parametrize("r", RS)
+def test_dtypes_match_reference(backend, dtype, rtol_loss, rtol_grad, r):
+    logits, target = random_inputs((3, 7, 33, 65), dtype)
+    for reduction in REDUCTIONS:
+        loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=r, reduction=reduction)
+        assert loss.dtype == dtype and grad.dtype == dtype
+        ref_loss, ref_grad = oracle(reference.central_loss, logits, target, r=r, reduction=reduction)
+        grad_tol = 1e-2 if (r < 1 and dtype == torch.float32) else rtol_grad
+        assert_close_scaled(loss, ref_loss, rtol_loss, f"{dtype} r={r} {reduction} loss")
+        assert_close_scaled(grad, ref_grad, grad_tol, f"{dtype} r={r} {reduction} grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("shape", [(1,), (5,), (2, 1, 1, 1), (3, 7, 33, 65), (40000,)])
+def test_odd_shapes_and_single_element(backend, shape):
+    logits, target = random_inputs(shape, torch.float64)
+    for reduction in REDUCTIONS:
+        loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=2.0, reduction=reduction)
+        ref_loss, ref_grad = oracle(reference.central_loss, logits, target, r=2.0, reduction=reduction)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_empty_tensors(backend):
+    logits, target = random_inputs((0, 3, 4, 5))
+    for reduction, expected in (("none", None), ("sum", 0.0), ("mean", float("nan"))):
+        loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, reduction=reduction)
+        assert grad.shape == logits.shape
+        if expected is None:
+            assert loss.shape == logits.shape
+        else:
+            torch.testing.assert_close(loss, torch.tensor(expected), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", RS)
+def test_extreme_logits_and_hard_targets(backend, dtype, r):
+    values = torch.tensor([-100.0, -30.0, -17.0, -1e-3, 0.0, 1e-3, 17.0, 30.0, 100.0])
+    targets = torch.tensor([0.0, 1.0, 0.5, 1e-6, 1 - 1e-6])
+    logits = values.repeat_interleave(len(targets)).to(dtype)
+    target = targets.repeat(len(values)).to(dtype)
+    loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=r, reduction="none")
+    ref_loss, ref_grad = oracle(reference.central_loss, logits, target, r=r, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=rtol * 1e-3)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=rtol * 1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_t_equals_p_has_zero_modulation_gradient(backend, dtype):
+    # sigmoid(0) = 0.5 exactly, so t == p: for 0 < r < 1 the derivative of |t-p|^r is
+    # taken as 0 there, and the loss and its gradient vanish.
+    logits = torch.zeros(4, dtype=dtype)
+    target = torch.full((4,), 0.5, dtype=dtype)
+    for r in (0.25, 0.5, 0.9, 1.0, 2.0):
+        loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=r, reduction="none")
+        assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+    # t within a few ulps of p: |t-p|^(r-1) is huge, the gradient must still be finite.
+    logits = torch.linspace(-20, 20, 41, dtype=dtype)
+    for ulps in (-2, -1, 1, 2):
+        target = torch.sigmoid(logits) * (1 + ulps * torch.finfo(dtype).eps)
+        for r in (0.01, 0.25, 0.5, 0.9):
+            loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target.clamp(0, 1), r=r,
+                                       reduction="none")
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (ulps, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_r0_is_bce_with_logits(backend, reduction):
+    logits, target = random_inputs((2, 5, 17, 9), torch.float64)
+    loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=0.0, reduction=reduction)
+    bce_loss, bce_grad = oracle(F.binary_cross_entropy_with_logits, logits, target, reduction=reduction)
+    torch.testing.assert_close(loss, bce_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, bce_grad, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_non_contiguous_inputs(backend):
+    base_x, base_t = random_inputs((4, 9, 21, 34), torch.float64)
+    logits = base_x.transpose(1, 3)[:, ::2]  # (4, 17, 21, 9) with odd strides
+    target = base_t.permute(0, 3, 2, 1)[:, ::2]
+    assert not logits.is_contiguous() and not target.is_contiguous()
+    for reduction in REDUCTIONS:
+        loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=2.0, reduction=reduction)
+        ref_loss, ref_grad = oracle(reference.central_loss, logits.contiguous(), target.contiguous(), r=2.0,
+                                    reduction=reduction)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+
+
+def test_target_of_other_float_dtype_is_cast_to_logits_dtype():
+    logits, target = random_inputs((2, 3, 8, 8), torch.float64)
+    a = coorkern.central_loss(logits, target.float())
+    b = coorkern.central_loss(logits, target.float().double())
+    torch.testing.assert_close(a, b)
+
+
+def test_results_do_not_depend_on_thread_count():
+    logits, target = random_inputs((2, 19, 64, 52))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run("cpp", coorkern.central_loss, logits, target, reduction="sum")
+        torch.set_num_threads(2)
+        two = run("cpp", coorkern.central_loss, logits, target, reduction="sum")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+def test_module_wrapper():
+    logits, target = random_inputs((2, 3, 8, 8))
+    module = coorkern.CentralLoss(r=1.0, reduction="sum")
+    assert "r=1.0" in repr(module) and "'sum'" in repr(module)
+    torch.testing.assert_close(module(logits, target), coorkern.central_loss(logits, target, 1.0, "sum"))
+    with pytest.raises(ValueError, match="reduction"):
+        coorkern.CentralLoss(reduction="avg")
+
+
+# ---------------------------------------------------------------- landmarks variant
+
+
+def landmark_cases(batch=2, num=5, height=23, width=31, dtype=torch.float64):
+    scale = torch.tensor([width - 1.0, height - 1.0])
+    landmarks = torch.rand(batch, num, 2) * scale
+    edge = torch.tensor([[0.0, 0.0], [width - 1.0, height - 1.0], [-4.5, 3.2], [width + 2.7, -6.1], [13.5, 11.5]])
+    landmarks[0, : len(edge)] = edge[:num]  # border, outside the map, half-pixel
+    landmarks[1, 0] = float("nan")  # a missing landmark
+    landmarks[1, 1, 1] = float("nan")
+    return landmarks.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("radius", [None, 0.0, 4.0])
+@pytest.mark.parametrize("r", [0.0, 1.0, 2.0, 0.5])
+def test_from_landmarks_float64_matches_reference(backend, radius, r):
+    logits = torch.randn(2, 5, 23, 31, dtype=torch.float64) * 3
+    landmarks = landmark_cases()
+    for reduction in REDUCTIONS:
+        kwargs = dict(sigma=2.5, r=r, reduction=reduction, radius=radius)
+        loss, grad = loss_and_grad(backend, coorkern.central_loss_from_landmarks, logits, landmarks, **kwargs)
+        ref_loss, ref_grad = oracle(reference.central_loss_from_landmarks, logits, landmarks, **kwargs)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,rtol_loss,rtol_grad", DTYPE_TOLS)
+def test_from_landmarks_dtypes(backend, dtype, rtol_loss, rtol_grad):
+    logits = (torch.randn(3, 7, 33, 65) * 3).to(dtype)
+    landmarks = torch.rand(3, 7, 2) * torch.tensor([64.0, 32.0])
+    for reduction in REDUCTIONS:
+        kwargs = dict(sigma=3.0, r=2.0, reduction=reduction)
+        loss, grad = loss_and_grad(backend, coorkern.central_loss_from_landmarks, logits, landmarks, **kwargs)
+        ref_loss, ref_grad = oracle(reference.central_loss_from_landmarks, logits, landmarks, **kwargs)
+        assert_close_scaled(loss, ref_loss, rtol_loss, f"{dtype} {reduction} loss")
+        assert_close_scaled(grad, ref_grad, rtol_grad, f"{dtype} {reduction} grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_landmarks_gradcheck(backend):
+    logits = torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    landmarks = torch.tensor([[[1.3, 2.2], [4.9, 0.1]], [[float("nan"), 1.0], [7.0, -2.0]]], dtype=torch.float64)
+    fn = lambda x: run(backend, coorkern.central_loss_from_landmarks, x, landmarks, sigma=1.5, radius=3.0)  # noqa
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_landmarks_equals_tensor_target(backend):
+    logits = torch.randn(2, 5, 23, 31, dtype=torch.float64)
+    landmarks = landmark_cases()
+    target = reference.gaussian_heatmaps(landmarks, 23, 31, sigma=2.0, radius=5.0)
+    a = run(backend, coorkern.central_loss_from_landmarks, logits, landmarks, sigma=2.0, radius=5.0, reduction="none")
+    b = run(backend, coorkern.central_loss, logits, target, reduction="none")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_gaussian_heatmaps_reference():
+    landmarks = torch.tensor([[[3.0, 2.0], [float("nan"), 1.0], [-50.0, -50.0]]])
+    heat = reference.gaussian_heatmaps(landmarks, 5, 7, sigma=1.0, radius=1.5)
+    assert heat.shape == (1, 3, 5, 7)
+    assert heat[0, 0, 2, 3] == 1.0 and heat[0, 0].max() == 1.0
+    torch.testing.assert_close(heat[0, 0, 2, 4], torch.exp(torch.tensor(-0.5)))
+    assert heat[0, 0, 0, 3] == 0.0  # distance 2 > radius 1.5
+    assert heat[0, 1].abs().sum() == 0 and heat[0, 2].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- errors and backends
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda x, t, lm: coorkern.central_loss(x, t[:, :2]), ValueError, "target must have the shape"),
+        (lambda x, t, lm: coorkern.central_loss(x.long(), t), TypeError, "logits must have a floating dtype"),
+        (lambda x, t, lm: coorkern.central_loss(x, t.int()), TypeError, "target must have a floating dtype"),
+        (lambda x, t, lm: coorkern.central_loss(x, t, reduction="avg"), ValueError, "reduction must be one of"),
+        (lambda x, t, lm: coorkern.central_loss(x, t, r=-1.0), ValueError, "r must be >= 0"),
+        (lambda x, t, lm: coorkern.central_loss(x, t, r=float("nan")), ValueError, "r must be finite"),
+        (lambda x, t, lm: coorkern.central_loss(x.numpy(), t), TypeError, "logits must be a torch.Tensor"),
+        (lambda x, t, lm: coorkern.central_loss(x, t.to("meta")), ValueError, "same device"),
+        (lambda x, t, lm: coorkern.central_loss_from_landmarks(x, lm[:, :3]), ValueError, r"landmarks must have shape \(2, 4, 2\)"),
+        (lambda x, t, lm: coorkern.central_loss_from_landmarks(x, lm[..., :1]), ValueError, "landmarks must have shape"),
+        (lambda x, t, lm: coorkern.central_loss_from_landmarks(x, lm.long()), TypeError, "landmarks must have a floating"),
+        (lambda x, t, lm: coorkern.central_loss_from_landmarks(x[0, 0, 0], lm), ValueError, "at least 3-D"),
+        (lambda x, t, lm: coorkern.central_loss_from_landmarks(x, lm, sigma=0.0), ValueError, "sigma must be > 0"),
+        (lambda x, t, lm: coorkern.central_loss_from_landmarks(x, lm, radius=-1.0), ValueError, "radius must be >= 0"),
+        (lambda x, t, lm: coorkern.central_loss_from_landmarks(x, lm.to("meta")), ValueError, "same device"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call, error, match):
+    logits, target = random_inputs((2, 4, 6, 5))
+    landmarks = torch.rand(2, 4, 2) * 4
+    with pytest.raises(error, match=match):
+        call(logits, target, landmarks)
+
+
+def test_backend_selection(monkeypatch):
+    from coorkern import _backend, _extension
+
+    logits, target = random_inputs((2, 3, 4, 5), torch.float64)
+    assert _backend.resolve(logits.device, "central_loss") == "cpp"
+    monkeypatch.setenv("COORKERN_BACKEND", "reference")
+    assert _backend.resolve(logits.device, "central_loss") == "reference"
+    with coorkern.backend("triton"):  # the context manager wins over the environment
+        assert _backend.resolve(logits.device, "central_loss") == "triton"
+    monkeypatch.setenv("COORKERN_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="COORKERN_BACKEND must be one of"):
+        coorkern.central_loss(logits, target)
+    monkeypatch.delenv("COORKERN_BACKEND")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with coorkern.backend("fast"):
+            pass
+    # Impossible choices raise instead of silently running something else.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with coorkern.backend("triton"), pytest.raises(coorkern.BackendUnavailableError, match="TRITON_INTERPRET"):
+        coorkern.central_loss(logits, target)
+    monkeypatch.setattr(_extension, "_loaded", False)
+    monkeypatch.setattr(_extension, "_error", "ImportError: simulated")
+    with coorkern.backend("cpp"), pytest.raises(coorkern.BackendUnavailableError, match="simulated"):
+        coorkern.central_loss(logits, target)
+    assert _backend.resolve(logits.device, "central_loss") == "reference"  # auto falls back
+    with pytest.raises(coorkern.BackendUnavailableError, match="CPU tensors only"):
+        with coorkern.backend("cpp"):
+            _backend.resolve(torch.device("cuda"), "central_loss")
+
+
+def test_package_works_without_the_cpp_extension():
+    code = (
+        "import warnings, torch, coorkern\n"
+        "from coorkern import reference\n"
+        "assert not coorkern.cpp_available()\n"
+        "x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True); t = torch.rand(2, 3, 8, 8).double()\n"
+        "lm = torch.rand(2, 3, 2).double() * 7\n"
+        "torch.testing.assert_close(torch.ops.coorkern.central_loss(x, t, 2.0, 'mean'), reference.central_loss(x, t))\n"
+        "coorkern.central_loss_from_landmarks(x, lm).backward()\n"
+        "assert torch.isfinite(x.grad).all()\n"
+        "torch.library.opcheck(torch.ops.coorkern.central_loss.default, (x, t, 2.0, 'sum'))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, COORKERN_DISABLE_CPP="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_cpp_schemas_match_python_schemas():
+    if not coorkern.cpp_available():
+        pytest.fail("the C++ extension must be built for the test suite")
+    for name, schema in cl_module.SCHEMAS.items():
+        assert str(getattr(torch.ops.coorkern, name).default._schema) == f"coorkern::{schema}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    logits = torch.randn(2, 3, 7, 5, dtype=dtype, requires_grad=True)
+    target = torch.rand(2, 3, 7, 5, dtype=dtype)
+    landmarks = torch.rand(2, 3, 2, dtype=dtype) * 6
+    go = torch.rand((), dtype=dtype)
+    for reduction in REDUCTIONS:
+        torch.library.opcheck(torch.ops.coorkern.central_loss.default, (logits, target, 2.0, reduction))
+        torch.library.opcheck(torch.ops.coorkern.central_loss_from_landmarks.default,
+                              (logits, landmarks, 2.0, 1.0, reduction, 3.0))
+        grad_out = go if reduction != "none" else torch.rand_like(logits)
+        torch.library.opcheck(torch.ops.coorkern.central_loss_backward.default,
+                              (grad_out, logits.detach(), target, 0.5, reduction))
+        torch.library.opcheck(torch.ops.coorkern.central_loss_from_landmarks_backward.default,
+                              (grad_out, logits.detach(), landmarks, 2.0, 2.0, reduction, None))
+
+
+def test_torch_compile_fullgraph_training_step():
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(1, 3, 3, padding=1).double()
+    images = torch.randn(2, 1, 12, 10, dtype=torch.float64)
+    landmarks = torch.rand(2, 3, 2, dtype=torch.float64) * 9
+    target = reference.gaussian_heatmaps(landmarks, 12, 10, sigma=2.0)
+
+    def step(images, landmarks, target):
+        logits = conv(images)
+        return coorkern.central_loss_from_landmarks(logits, landmarks, sigma=2.0) + coorkern.central_loss(
+            logits, target, r=1.0, reduction="sum"
+        )
+
+    eager_loss = step(images, landmarks, target)
+    eager_grads = torch.autograd.grad(eager_loss, list(conv.parameters()))
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    loss = compiled(images, landmarks, target)
+    grads = torch.autograd.grad(loss, list(conv.parameters()))
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+# ---------------------------------------------------------------- GPU compilation
+
+
+def _kernel_variants():
+    for mode in (0, 1, 2):
+        for from_landmarks in (False, True):
+            for dtype in ("fp32", "bf16", "fp16"):
+                for r_int in (2, -1):
+                    yield mode, from_landmarks, dtype, r_int
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernel_compiles_for_gpu_without_spills(arch):
+    from coorkern._triton_aot import CompileRequest, compile_many
+    import triton.language as tl
+
+    requests, labels = [], []
+    for mode, from_landmarks, dtype, r_int in _kernel_variants():
+        ptr = f"*{dtype}"
+        signature = {
+            "x_ptr": ptr, "t_ptr": ptr, "lm_ptr": "*fp32", "grad_out_ptr": ptr,
+            "out_ptr": "*fp32" if mode == 1 else ptr, "inner": "i64", "width": "i32", "r": "fp32",
+            "inv_two_sigma2": "fp32", "radius2": "fp32", "grad_scale": "fp32",
+        }
+        constexprs = {
+            "MODE": mode, "FROM_LANDMARKS": from_landmarks, "HAS_RADIUS": from_landmarks, "GRAD_OUT_SCALAR": True,
+            "R_INT": r_int, "ACC": tl.float32, "BLOCK": 2048,
+        }
+        requests.append(CompileRequest(cl_module._central_loss_kernel, signature, constexprs, arch, num_warps=8))
+        labels.append(f"sm_{arch} mode={mode} landmarks={from_landmarks} {dtype} R_INT={r_int}")
+    for label, report in zip(labels, compile_many(requests)):
+        assert report.arch == arch
+        assert report.local_bytes == 0 and report.stack_bytes == 0, f"{label}: spills {report}"
+        assert 0 < report.registers <= 128, f"{label}: {report.registers} registers"

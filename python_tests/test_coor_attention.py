@@ -1,0 +1,444 @@
+"""Tests of coorkern.coor_attention (issue 4) against the eager oracle.
+
+Triton kernels run on CPU tensors under the interpreter (conftest sets
+TRITON_INTERPRET=1); the C++ op is tested on CPU directly.  Shapes are small and
+blocks large because the interpreter costs ~1 ms per program instance.  The GPU
+compile checks run in a subprocess without the interpreter (triton.compile needs
+real JIT functions), targeting sm_80 and sm_90 without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import coorkern
+from coorkern import reference
+from coorkern.ops import coor_attention as ca
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def _normalized(pix: torch.Tensor, size: int, align_corners: bool) -> torch.Tensor:
+    """Pixel-space source index -> grid_sample's normalized coordinate."""
+    if align_corners:
+        return pix * 2.0 / max(size - 1, 1) - 1.0
+    return (2.0 * pix + 1.0) / size - 1.0
+
+
+def make_coords(batch, heads, n, height, width, *, per_head=False, where="inside", align_corners=True,
+                dtype=torch.float64):
+    """Coordinates whose bilinear stencils avoid pixel-center kinks (frac in [0.15, 0.85]).
+
+    ``inside``: stencils anywhere from one pixel left of/above the map to its last pixel
+    (so border stencils with corners outside are included); ``outside``: far outside the
+    map (+-3 to +-1e4 in normalized units), which samples zeros.
+    """
+    shape = (batch, heads, n) if per_head else (batch, n)
+    if where == "outside":
+        mag = torch.tensor([3.0, 40.0, 1e4])[torch.randint(0, 3, shape + (2,))]
+        sign = torch.where(torch.rand(shape + (2,)) < 0.5, -1.0, 1.0)
+        return (mag * sign).to(dtype)
+    frac = 0.15 + 0.7 * torch.rand(shape + (2,), dtype=torch.float64)
+    px = torch.randint(-1, width, shape, dtype=torch.float64) + frac[..., 0]
+    py = torch.randint(-1, height, shape, dtype=torch.float64) + frac[..., 1]
+    x = _normalized(px, width, align_corners)
+    y = _normalized(py, height, align_corners)
+    return torch.stack([x, y], -1).to(dtype)
+
+
+def make_inputs(sample, *, batch=1, heads=2, n=7, nq=5, d=16, hw=(4, 5), dtype=torch.float64, per_head=False,
+                where="inside", align_corners=True):
+    height, width = hw
+    fmap = lambda: torch.randn(batch, heads, height, width, d, dtype=dtype)  # noqa: E731
+    if sample == "qk":
+        q, k, v = fmap(), fmap(), torch.randn(batch, heads, n, d, dtype=dtype)
+    else:
+        q, k, v = torch.randn(batch, heads, nq, d, dtype=dtype), fmap(), fmap()
+    coords = make_coords(batch, heads, n, height, width, per_head=per_head, where=where,
+                         align_corners=align_corners, dtype=dtype)
+    return q, k, v, coords
+
+
+def run(impl, q, k, v, coords, grad_out=None, **kw):
+    """Output and gradients (q, k, v, coords) through backend ``impl``."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v, coords)]
+    if impl == "oracle":
+        out = reference.coor_attention(*inputs, **kw)
+    else:
+        with coorkern.backend(impl):
+            out = coorkern.coor_attention(*inputs, **kw)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, grads, grad_out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+def assert_matches(impl, q, k, v, coords, tol, **kw):
+    ref_out, ref_grads, go = run("oracle", q, k, v, coords, **kw)
+    out, grads, _ = run(impl, q, k, v, coords, go, **kw)
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
+    assert rel_err(out, ref_out) < tol, ("out", rel_err(out, ref_out))
+    for name, g, r in zip("q k v coords".split(), grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+
+
+# ---------------------------------------------------------------------------
+# Exactness in float64: every mode, both align_corners, shared / per-head coords
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpp"])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_float64_matches_reference(impl, sample, align_corners, per_head):
+    if impl == "cpp" and not coorkern.cpp_available():
+        pytest.skip("C++ extension not built")
+    inputs = make_inputs(sample, batch=2, per_head=per_head, align_corners=align_corners)
+    assert_matches(impl, *inputs, 1e-10, sample=sample, align_corners=align_corners)
+
+
+@pytest.mark.parametrize("sample,per_head,align_corners", [("qk", False, True), ("qk", True, False),
+                                                           ("kv", False, False), ("kv", True, True)])
+def test_gradcheck_triton(sample, per_head, align_corners):
+    q, k, v, coords = make_inputs(sample, heads=2, n=5, nq=3, hw=(3, 4), per_head=per_head,
+                                  align_corners=align_corners)
+    inputs = [t.requires_grad_(True) for t in (q, k, v, coords)]
+
+    def fn(q, k, v, coords):
+        with coorkern.backend("triton"):
+            return coorkern.coor_attention(q, k, v, coords, sample=sample, align_corners=align_corners, scale=0.7)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_gradcheck_coords_full_jacobian():
+    # Coordinates only (few elements): the full Jacobian, not a random projection.
+    q, k, v, coords = make_inputs("qk", heads=2, n=4, hw=(3, 4), per_head=True)
+
+    def fn(c):
+        with coorkern.backend("triton"):
+            return coorkern.coor_attention(q, k, v, c, sample="qk")
+
+    assert torch.autograd.gradcheck(fn, (coords.requires_grad_(True),), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Low precision, any N, coordinate placements, layouts
+
+
+@pytest.mark.parametrize(
+    "n,sample,dtype",
+    [(1, "qk", torch.float32), (7, "kv", torch.bfloat16), (64, "qk", torch.bfloat16),
+     (129, "kv", torch.float32), (300, "qk", torch.float32), (300, "kv", torch.bfloat16),
+     (129, "qk", torch.float16)],
+)
+def test_low_precision_any_n(n, sample, dtype):
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    inputs = make_inputs(sample, heads=2, n=n, nq=n // 2 + 3, d=32, hw=(9, 11), dtype=dtype, per_head=n % 2 == 1)
+    assert_matches("triton", *inputs, tol, sample=sample)
+
+
+@pytest.mark.parametrize("d", [16, 32, 64, 128, 24])
+def test_head_dims(d):
+    inputs = make_inputs("qk", heads=1, n=9, d=d)
+    assert_matches("triton", *inputs, 1e-10, sample="qk")
+
+
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_coordinates_on_border_and_far_outside(sample):
+    q, k, v, _ = make_inputs(sample, batch=1, heads=2, n=8, hw=(4, 5))
+    # exact corners / edges (pixel centers of the border), just outside, far outside
+    xs = torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.3, -1.1, 1e4, -3e5], dtype=torch.float64)
+    ys = torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0, 0.2, 2.0, -7.0], dtype=torch.float64)
+    coords = torch.stack([xs, ys], -1)[None]
+    for align in (True, False):
+        for impl in ("triton", "cpp"):
+            if impl == "cpp" and not coorkern.cpp_available():
+                continue
+            assert_matches(impl, q, k, v, coords, 1e-10, sample=sample, align_corners=align)
+
+
+def test_all_coordinates_outside_sample_zeros():
+    q, k, v, coords = make_inputs("qk", heads=2, n=6, where="outside")
+    out, grads, _ = run("triton", q, k, v, coords, sample="qk")
+    # Qs = Ks = 0: uniform attention, the mean of v; no gradient reaches the maps or coords.
+    torch.testing.assert_close(out, v.mean(2, keepdim=True).expand_as(out), rtol=1e-12, atol=1e-12)
+    assert grads[0].abs().max() == 0 and grads[1].abs().max() == 0 and grads[3].abs().max() == 0
+    assert_matches("triton", q, k, v, coords, 1e-10, sample="qk")
+
+
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_non_contiguous_inputs(sample):
+    b, h, hh, ww, d, n, nq = 2, 2, 5, 4, 16, 9, 6
+
+    def fmap():  # channels-first storage viewed channels-last
+        return torch.randn(b, h, d, hh, ww, dtype=torch.float64).permute(0, 1, 3, 4, 2)
+
+    def tokens(m):  # (B, N, heads, d) storage viewed as (B, heads, N, d)
+        return torch.randn(b, m, h, d, dtype=torch.float64).transpose(1, 2)
+
+    q, k, v = (fmap(), fmap(), tokens(n)) if sample == "qk" else (tokens(nq), fmap(), fmap())
+    coords = torch.cat([make_coords(b, h, n, hh, ww, per_head=True), torch.zeros(b, h, n, 2, dtype=torch.float64)],
+                       -1)[..., :2].transpose(1, 2).contiguous().transpose(1, 2)  # strided (B, heads, N, 2)
+    assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and coords.is_contiguous())
+    for impl in ("triton", "cpp") if coorkern.cpp_available() else ("triton",):
+        assert_matches(impl, q, k, v, coords, 1e-10, sample=sample)
+
+
+def test_kv_nq_differs_from_n_and_maps_differ_in_size():
+    q = torch.randn(1, 2, 11, 16, dtype=torch.float64)
+    k = torch.randn(1, 2, 3, 7, 16, dtype=torch.float64)
+    v = torch.randn(1, 2, 6, 2, 16, dtype=torch.float64)
+    coords = torch.rand(1, 2, 4, 2, dtype=torch.float64) * 2.2 - 1.1
+    assert_matches("triton", q, k, v, coords, 1e-10, sample="kv", align_corners=False)
+    assert_matches("triton", q, k, v, coords, 1e-10, sample="kv", scale=0.3)
+
+
+def test_coords_dtype_may_differ_and_keeps_its_grad_dtype():
+    q, k, v, coords = make_inputs("qk", dtype=torch.float32)
+    out, grads, _ = run("triton", q, k, v, coords.double(), sample="qk")
+    assert out.dtype == torch.float32 and grads[3].dtype == torch.float64
+
+
+def test_deterministic_backward_bit_identical():
+    # Many coordinates on few pixels: the map gradients sum many colliding contributions.
+    q, k, v, coords = make_inputs("qk", heads=2, n=150, d=16, hw=(3, 3))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out1, g1, go = run("triton", q, k, v, coords, sample="qk")
+        out2, g2, _ = run("triton", q, k, v, coords, go, sample="qk")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(out1, out2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    _, g_ref, _ = run("oracle", q, k, v, coords, go, sample="qk")
+    for a, b in zip(g1, g_ref):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_no_n_by_n_buffer():
+    # Record every tensor the host code allocates (kernels' buffers included).
+    n, nq, d = 300, 280, 16
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    q, k, v, coords = make_inputs("kv", heads=1, n=n, nq=nq, d=d, hw=(4, 4), dtype=torch.float32)
+    inputs = [t.requires_grad_(True) for t in (q, k, v, coords)]
+    for impl in ("triton", "cpp") if coorkern.cpp_available() else ("triton",):
+        Largest.numel = 0
+        with Largest(), coorkern.backend(impl):
+            out = coorkern.coor_attention(*inputs, sample="kv")
+            torch.autograd.grad(out.sum(), inputs)
+        assert Largest.numel <= 4 * n * d + 64, (impl, Largest.numel)  # largest: per-corner partials
+        assert Largest.numel < n * nq
+
+
+# ---------------------------------------------------------------------------
+# Backends, registration, torch.compile
+
+
+def test_backend_selection_and_module():
+    q, k, v, coords = make_inputs("qk", dtype=torch.float32)
+    ref = reference.coor_attention(q, k, v, coords)
+    with coorkern.backend("reference"):
+        torch.testing.assert_close(coorkern.coor_attention(q, k, v, coords), ref)
+    module = coorkern.CoorAttention(sample="qk")
+    torch.testing.assert_close(module(q, k, v, coords), ref, rtol=1e-5, atol=1e-5)
+    assert "sample='qk'" in repr(module)
+
+
+def test_env_var_selects_triton(monkeypatch):
+    q, k, v, coords = make_inputs("qk", dtype=torch.float64)
+    monkeypatch.setenv("COORKERN_BACKEND", "triton")
+    calls = []
+    original = ca._triton_forward
+    monkeypatch.setattr(ca, "_triton_forward", lambda *a: calls.append(1) or original(*a))
+    coorkern.coor_attention(q, k, v, coords)
+    assert calls
+
+
+def test_schemas_match_csrc():
+    with open(os.path.join(ROOT, "csrc", "coor_attention.cpp")) as f:
+        text = re.sub(r'"\s*\n\s*"', "", f.read())  # join adjacent C++ string literals
+    for schema in ca.SCHEMAS.values():
+        assert f'm.def(\n      "{schema}")' in text or f'"{schema}"' in text, schema
+
+
+def _op_args(sample):
+    q, k, v, coords = make_inputs(sample, heads=2, n=7, nq=5, dtype=torch.float32)
+    return [t.requires_grad_(True) for t in (q, k, v, coords)]
+
+
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_opcheck(sample):
+    q, k, v, coords = _op_args(sample)
+    args = (q, k, v, coords, sample, 0.25, True)
+    torch.library.opcheck(torch.ops.coorkern.coor_attention.default, args)
+    out, lse = torch.ops.coorkern.coor_attention(*args)
+    bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), coords.detach(), out.detach(),
+           lse.detach(), sample, 0.25, True)
+    torch.library.opcheck(torch.ops.coorkern.coor_attention_backward.default, bwd)
+
+
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_torch_compile_fullgraph_cpp(sample):
+    if not coorkern.cpp_available():
+        pytest.skip("C++ extension not built: torch.compile traces the C++ op on CPU")
+    torch._dynamo.reset()
+    q, k, v, coords = _op_args(sample)
+
+    def fn(q, k, v, coords):
+        return coorkern.coor_attention(q, k, v, coords, sample=sample) * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with coorkern.backend("cpp"):
+        out = compiled(q, k, v, coords)
+        grads = torch.autograd.grad(out.sum(), (q, k, v, coords))
+    ref = fn(q, k, v, coords) if False else reference.coor_attention(q, k, v, coords, sample=sample) * 2.0
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v, coords))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+def _bad_cases():
+    q, k, v, c = make_inputs("qk", dtype=torch.float32)
+    qt = torch.randn(1, 2, 5, 16)
+    return [
+        (dict(sample="qv"), ValueError, "sample must be one of"),
+        (dict(q=q[0]), ValueError, r"q must have shape \(B, heads, H, W, d\)"),
+        (dict(v=v[0]), ValueError, r"v must have shape \(B, heads, N, d\)"),
+        (dict(k=torch.randn(1, 3, 4, 5, 16)), ValueError, "k must match q in batch, heads and d"),
+        (dict(v=torch.randn(1, 2, 7, 8)), ValueError, "v must match q in batch, heads and d"),
+        (dict(k=torch.randn(2, 2, 4, 5, 16)), ValueError, "k must match q"),
+        (dict(coords=c[..., :1]), ValueError, r"coords must have shape \(B, N, 2\)"),
+        (dict(coords=c[0]), ValueError, r"coords must have shape \(B, N, 2\)"),
+        (dict(coords=torch.rand(1, 3, 7, 2)), ValueError, "coords must have shape"),
+        (dict(coords=torch.rand(1, 6, 2)), ValueError, r"v must have shape \(B, heads, N=6, d\)"),
+        (dict(coords=torch.zeros(1, 7, 2, dtype=torch.int64)), TypeError, "coords must have a floating dtype"),
+        (dict(q=q.to(torch.int32)), TypeError, "q must have a floating dtype"),
+        (dict(v=v.double()), TypeError, "q, k and v must have the same dtype"),
+        (dict(k=k.tolist()), TypeError, "k must be a torch.Tensor"),
+        (dict(coords=c.to("meta")), ValueError, "same device"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite"),
+        (dict(align_corners=1), TypeError, "align_corners must be a bool"),
+        (dict(sample="kv"), ValueError, r"q must have shape \(B, heads, Nq, d\)"),
+        (dict(sample="kv", q=qt, v=v), ValueError, r"v must have shape \(B, heads, H, W, d\)"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input(case):
+    q, k, v, c = make_inputs("qk", dtype=torch.float32)
+    changes, exc, message = _bad_cases()[case]
+    args = dict(q=q, k=k, v=v, coords=c, sample="qk", scale=None, align_corners=True)
+    args.update(changes)
+    with pytest.raises(exc, match=message):
+        coorkern.coor_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("coords"), **args)
+
+
+def test_module_rejects_bad_sample():
+    with pytest.raises(ValueError, match="sample must be one of"):
+        coorkern.CoorAttention(sample="q")
+
+
+# ---------------------------------------------------------------------------
+# GPU compilation (no GPU needed): sm_80 and sm_90, no LOCAL spills, HGMMA on sm_90
+
+_COMPILE_SCRIPT = r"""
+import json, sys, types
+import torch
+import triton.language as tl
+from coorkern._triton_aot import compile_for_gpu
+from coorkern.ops import coor_attention as ca
+
+TY = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+results = []
+for name, dtype, d, extra in json.loads(sys.argv[1]):
+    fn, signature, constexprs, cfg = ca.aot_spec(name, TY[dtype], d, **extra)
+    for arch in (80, 90):
+        # compile_for_gpu unwraps ``.fn`` (for @autotune wrappers); hand it the JITFunction that way
+        rep = compile_for_gpu(types.SimpleNamespace(fn=fn), signature, constexprs, arch,
+                              cfg["num_warps"], cfg["num_stages"], with_sass=True)
+        results.append(dict(name=name, dtype=dtype, d=d, extra=extra, arch=arch, registers=rep.registers,
+                            local=rep.local_bytes, hgmma=rep.count("HGMMA"), hmma=rep.count("HMMA")))
+print("RESULTS" + json.dumps(results))
+"""
+
+COMPILE_CASES = [
+    ("fwd", "bf16", 64, {"sample_q": True}),
+    ("fwd", "bf16", 128, {"sample_q": True}),
+    ("fwd", "fp16", 32, {"sample_q": False}),
+    ("fwd", "fp32", 64, {"sample_q": True}),
+    ("dkv", "bf16", 64, {}),
+    ("dkv", "bf16", 128, {}),
+    ("dkv", "fp32", 32, {}),
+    ("dq", "bf16", 64, {}),
+    ("dq", "fp16", 128, {}),
+    ("dq", "fp32", 32, {}),
+    ("sample", "bf16", 128, {}),
+    ("sample", "fp32", 32, {}),
+    ("scatter", "fp32", 128, {"deterministic": False}),
+    ("scatter", "fp32", 64, {"deterministic": True}),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(COMPILE_CASES)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULTS")][-1]
+    return json.loads(line[len("RESULTS"):])
+
+
+def test_every_kernel_compiles_for_sm80_sm90_without_spills(compiled_kernels):
+    assert {r["name"] for r in compiled_kernels} == {"fwd", "dkv", "dq", "sample", "scatter"}
+    assert len(compiled_kernels) == 2 * len(COMPILE_CASES)
+    for r in compiled_kernels:
+        assert r["local"] == 0, r
+        assert 0 < r["registers"] <= 255, r
+
+
+def test_dot_kernels_use_hgmma_on_sm90(compiled_kernels):
+    for r in compiled_kernels:
+        if r["name"] in ("fwd", "dkv", "dq"):
+            if r["arch"] == 90:
+                assert r["hgmma"] > 0, r
+            else:
+                assert r["hmma"] > 0, r  # sm_80: mma.sync tensor cores
