@@ -275,36 +275,38 @@ def _lm_bwd_cuda(grad_output, logits, landmarks, sigma, r, reduction, radius):
     return _triton_grad(grad_output, logits, None, landmarks, sigma, r, reduction, radius)
 
 
-def _fake_loss(logits, *args):
-    reduction = args[-1] if isinstance(args[-1], str) else args[-2]
+@torch.library.register_fake("coorkern::central_loss")
+def _fake_loss(logits, target, r, reduction):
     return logits.new_empty(logits.shape if reduction == "none" else ())
 
 
-def _fake_grad(grad_output, logits, *args):
+@torch.library.register_fake("coorkern::central_loss_from_landmarks")
+def _fake_landmarks_loss(logits, landmarks, sigma, r, reduction, radius):
+    return _fake_loss(logits, None, r, reduction)
+
+
+def _fake_grad(grad_output, logits, *params):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-for _name in ("central_loss", "central_loss_from_landmarks"):
-    torch.library.register_fake(f"coorkern::{_name}")(_fake_loss)
-    torch.library.register_fake(f"coorkern::{_name}_backward")(_fake_grad)
+torch.library.register_fake("coorkern::central_loss_backward")(_fake_grad)
+torch.library.register_fake("coorkern::central_loss_from_landmarks_backward")(_fake_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.inputs = inputs  # logits, target/landmarks and the scalars; nothing n-sized is copied
+    # logits and target/landmarks are saved by reference (no copy); the rest are scalars.
     ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.params = inputs[2:]
 
 
 def _cl_backward(ctx, grad_output):
     logits, target = ctx.saved_tensors
-    _, _, r, reduction = ctx.inputs
-    return _cl_bwd_op(grad_output, logits, target, r, reduction), None, None, None
+    return _cl_bwd_op(grad_output, logits, target, *ctx.params), None, None, None
 
 
 def _lm_backward(ctx, grad_output):
     logits, landmarks = ctx.saved_tensors
-    _, _, sigma, r, reduction, radius = ctx.inputs
-    grad = _lm_bwd_op(grad_output, logits, landmarks, sigma, r, reduction, radius)
-    return grad, None, None, None, None, None
+    return _lm_bwd_op(grad_output, logits, landmarks, *ctx.params), None, None, None, None, None
 
 
 torch.library.register_autograd("coorkern::central_loss", _cl_backward, setup_context=_setup_context)
