@@ -70,11 +70,7 @@ def gaussian_heatmaps(
 
 
 def central_loss_from_landmarks(
-    logits: torch.Tensor,
-    landmarks: torch.Tensor,
-    sigma: float = 3.0,
-    r: float = 2.0,
-    reduction: str = "mean",
+    logits: torch.Tensor, landmarks: torch.Tensor, sigma: float = 3.0, r: float = 2.0, reduction: str = "mean",
     radius: Optional[float] = None,
 ) -> torch.Tensor:
     """``central_loss(logits, gaussian_heatmaps(landmarks, H, W, sigma, radius))``."""
