@@ -44,6 +44,9 @@ class CompileRequest:
     num_warps: int = 4
     num_stages: int = 3
     with_sass: bool = False
+    # Arguments Triton's launcher would mark divisible by 16 (16-byte aligned pointers,
+    # ints that are multiples of 16): compiling with them gives the variant a GPU runs.
+    divisible: Sequence[str] = ()
 
 
 def _cuobjdump() -> str:
@@ -69,7 +72,8 @@ def _compile_in_process(req: CompileRequest) -> KernelReport:
     kernel = getattr(sys.modules[raw.__module__], raw.__name__)
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
-    source = ASTSource(fn=kernel, signature=dict(req.signature), constexprs=dict(req.constexprs))
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in req.divisible}
+    source = ASTSource(fn=kernel, signature=dict(req.signature), constexprs=dict(req.constexprs), attrs=attrs)
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", req.arch, 32),
@@ -118,6 +122,7 @@ def _request_to_json(req: CompileRequest) -> dict:
         "module": raw.__module__, "name": raw.__name__, "signature": dict(req.signature),
         "constexprs": {k: _encode(v) for k, v in req.constexprs.items()}, "arch": req.arch,
         "num_warps": req.num_warps, "num_stages": req.num_stages, "with_sass": req.with_sass,
+        "divisible": list(req.divisible),
     }
 
 
@@ -127,7 +132,7 @@ def _request_from_json(spec: dict) -> CompileRequest:
     module = importlib.import_module(spec["module"])
     return CompileRequest(
         getattr(module, spec["name"]), spec["signature"], {k: _decode(v) for k, v in spec["constexprs"].items()},
-        spec["arch"], spec["num_warps"], spec["num_stages"], spec["with_sass"],
+        spec["arch"], spec["num_warps"], spec["num_stages"], spec["with_sass"], spec["divisible"],
     )
 
 
@@ -152,9 +157,11 @@ def compile_for_gpu(
     num_warps: int = 4,
     num_stages: int = 3,
     with_sass: bool = False,
+    divisible: Sequence[str] = (),
 ) -> KernelReport:
     """Compile ``fn`` (a ``@triton.jit`` kernel) for ``sm_{arch}`` and read its resources."""
-    return compile_many([CompileRequest(fn, signature, constexprs, arch, num_warps, num_stages, with_sass)])[0]
+    request = CompileRequest(fn, signature, constexprs, arch, num_warps, num_stages, with_sass, divisible)
+    return compile_many([request])[0]
 
 
 if __name__ == "__main__":  # subprocess side of compile_many

@@ -58,48 +58,56 @@ at::Tensor sampled_tokens(const at::Tensor& nchw, const at::Tensor& grid, bool a
   return s.reshape({batch, heads, s.size(1), s.size(3)}).transpose(-1, -2).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> coor_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const at::Tensor& coords, c10::string_view sample_sv,
-                                                      double scale, bool align_corners) {
+// The attention operands in the compute dtype: Qs, Ks, Vs (B, heads, N, d) tokens, plus
+// what the backward needs to scatter through grid_sample again.
+struct Operands {
+  at::Tensor qs, ks, vs;
+  at::Tensor grid;    // (B*heads, 1, N, 2)
+  at::Tensor k_nchw;  // the k map as grid_sampler input
+  at::Tensor s_nchw;  // the other sampled map (q for "qk", v for "kv")
+  bool qk;
+};
+
+Operands sample_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& coords,
+                         c10::string_view sample_sv, bool align_corners) {
   const std::string sample(sample_sv);
   check_sample(sample);
   const auto ct = compute_type(q);
   const int64_t batch = q.size(0), heads = q.size(1);
-  const auto grid = make_grid(coords, batch, heads, ct);
-  at::Tensor qs, ks, vs;
-  ks = sampled_tokens(map_nchw(k, ct), grid, align_corners, batch, heads);
-  if (sample == "qk") {
-    qs = sampled_tokens(map_nchw(q, ct), grid, align_corners, batch, heads);
-    vs = v.to(ct).contiguous();
-  } else {
-    qs = q.to(ct).contiguous();
-    vs = sampled_tokens(map_nchw(v, ct), grid, align_corners, batch, heads);
-  }
-  auto res = at::_scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, false, c10::nullopt, scale);
+  Operands o;
+  o.qk = sample == "qk";
+  o.grid = make_grid(coords, batch, heads, ct);
+  o.k_nchw = map_nchw(k, ct);
+  o.s_nchw = map_nchw(o.qk ? q : v, ct);
+  o.ks = sampled_tokens(o.k_nchw, o.grid, align_corners, batch, heads);
+  const auto other = sampled_tokens(o.s_nchw, o.grid, align_corners, batch, heads);
+  o.qs = o.qk ? other : q.to(ct).contiguous();
+  o.vs = o.qk ? v.to(ct).contiguous() : other;
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> coor_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& coords, c10::string_view sample,
+                                                      double scale, bool align_corners) {
+  const auto o = sample_operands(q, k, v, coords, sample, align_corners);
+  auto res = at::_scaled_dot_product_flash_attention_for_cpu(o.qs, o.ks, o.vs, 0.0, false, c10::nullopt, scale);
   auto out = std::get<0>(res).to(q.scalar_type()).contiguous();
-  auto lse = std::get<1>(res).to(ct).contiguous();
+  auto lse = std::get<1>(res).to(compute_type(q)).contiguous();
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coor_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& coords, const at::Tensor& out, const at::Tensor& lse, c10::string_view sample_sv,
+    const at::Tensor& coords, const at::Tensor& out, const at::Tensor& lse, c10::string_view sample,
     double scale, bool align_corners) {
-  const std::string sample(sample_sv);
-  check_sample(sample);
+  // Recompute the sampled tokens (O(N d), cheaper than keeping them alive since forward).
+  const auto o = sample_operands(q, k, v, coords, sample, align_corners);
   const auto ct = compute_type(q);
   const int64_t batch = q.size(0), heads = q.size(1);
-  const auto grid = make_grid(coords, batch, heads, ct);
-  const bool qk = sample == "qk";
-  // Recompute the sampled tokens (O(N d), cheaper than keeping them alive since forward).
-  const auto k_nchw = map_nchw(k, ct);
-  const auto s_nchw = qk ? map_nchw(q, ct) : map_nchw(v, ct);  // the other sampled map
-  const auto ks = sampled_tokens(k_nchw, grid, align_corners, batch, heads);
-  const auto ss = sampled_tokens(s_nchw, grid, align_corners, batch, heads);
-  const auto qs = qk ? ss : q.to(ct).contiguous();
-  const auto vs = qk ? v.to(ct).contiguous() : ss;
+  const auto& grid = o.grid;
+  const bool qk = o.qk;
   auto grads = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      grad_out.to(ct).contiguous(), qs, ks, vs, out.to(ct).contiguous(), lse.to(ct).contiguous(), 0.0, false,
+      grad_out.to(ct).contiguous(), o.qs, o.ks, o.vs, out.to(ct).contiguous(), lse.to(ct).contiguous(), 0.0, false,
       c10::nullopt, scale);
   const auto& dqs = std::get<0>(grads);
   const auto& dks = std::get<1>(grads);
@@ -119,19 +127,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coor_attention_backwa
     auto d_grid = std::get<1>(res).reshape({batch, heads, n, 2});
     return std::make_pair(d_map, d_grid);
   };
-  auto [dk, dgrid_k] = scatter(dks, k_nchw, k);
-  at::Tensor dq, dv, dgrid;
-  if (qk) {
-    auto [dq_map, dgrid_q] = scatter(dqs, s_nchw, q);
-    dq = dq_map;
-    dv = dvs.to(v.scalar_type()).contiguous();
-    dgrid = dgrid_q + dgrid_k;
-  } else {
-    auto [dv_map, dgrid_v] = scatter(dvs, s_nchw, v);
-    dv = dv_map;
-    dq = dqs.to(q.scalar_type()).contiguous();
-    dgrid = dgrid_v + dgrid_k;
-  }
+  auto [dk, dgrid_k] = scatter(dks, o.k_nchw, k);
+  auto [d_other, dgrid_other] = scatter(qk ? dqs : dvs, o.s_nchw, qk ? q : v);
+  auto dq = qk ? d_other : dqs.to(q.scalar_type()).contiguous();
+  auto dv = qk ? dvs.to(v.scalar_type()).contiguous() : d_other;
+  auto dgrid = dgrid_other + dgrid_k;
   if (coords.dim() == 3) dgrid = dgrid.sum(1);  // shared by the heads
   auto dcoords = dgrid.to(coords.scalar_type()).contiguous();
   return {dq, dk, dv, dcoords};

@@ -437,7 +437,9 @@ def test_triton_kernel_compiles_for_gpu_without_spills(arch):
             "MODE": mode, "FROM_LANDMARKS": from_landmarks, "HAS_RADIUS": from_landmarks, "GRAD_OUT_SCALAR": True,
             "R_INT": r_int, "ACC": tl.float32, "BLOCK": 2048,
         }
-        requests.append(CompileRequest(cl_module._central_loss_kernel, signature, constexprs, arch, num_warps=8))
+        pointers = [name for name, ty in signature.items() if ty.startswith("*")]  # 16-byte aligned at launch
+        requests.append(CompileRequest(cl_module._central_loss_kernel, signature, constexprs, arch, num_warps=8,
+                                       divisible=pointers))
         labels.append(f"sm_{arch} mode={mode} landmarks={from_landmarks} {dtype} R_INT={r_int}")
     for label, report in zip(labels, compile_many(requests)):
         assert report.arch == arch

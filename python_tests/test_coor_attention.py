@@ -131,12 +131,14 @@ def test_gradcheck_triton(sample, per_head, align_corners):
 
 
 def test_gradcheck_coords_full_jacobian():
-    # Coordinates only (few elements): the full Jacobian, not a random projection.
+    # Coordinates only (few elements): the full Jacobian, not a random projection.  The
+    # output is contracted with a fixed random vector over d to keep the backward count low.
     q, k, v, coords = make_inputs("qk", heads=2, n=4, hw=(3, 4), per_head=True)
+    w = torch.randn(16, dtype=torch.float64)
 
     def fn(c):
         with coorkern.backend("triton"):
-            return coorkern.coor_attention(q, k, v, c, sample="qk")
+            return coorkern.coor_attention(q, k, v, c, sample="qk") @ w
 
     assert torch.autograd.gradcheck(fn, (coords.requires_grad_(True),), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -290,7 +292,7 @@ def test_schemas_match_csrc():
     with open(os.path.join(ROOT, "csrc", "coor_attention.cpp")) as f:
         text = re.sub(r'"\s*\n\s*"', "", f.read())  # join adjacent C++ string literals
     for schema in ca.SCHEMAS.values():
-        assert f'm.def(\n      "{schema}")' in text or f'"{schema}"' in text, schema
+        assert f'"{schema}"' in text, schema
 
 
 def _op_args(sample):
@@ -323,7 +325,7 @@ def test_torch_compile_fullgraph_cpp(sample):
     with coorkern.backend("cpp"):
         out = compiled(q, k, v, coords)
         grads = torch.autograd.grad(out.sum(), (q, k, v, coords))
-    ref = fn(q, k, v, coords) if False else reference.coor_attention(q, k, v, coords, sample=sample) * 2.0
+    ref = reference.coor_attention(q, k, v, coords, sample=sample) * 2.0
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v, coords))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
@@ -379,40 +381,43 @@ def test_module_rejects_bad_sample():
 # GPU compilation (no GPU needed): sm_80 and sm_90, no LOCAL spills, HGMMA on sm_90
 
 _COMPILE_SCRIPT = r"""
-import json, sys, types
+import json, sys
 import torch
-import triton.language as tl
-from coorkern._triton_aot import compile_for_gpu
+from coorkern._triton_aot import CompileRequest, compile_many
 from coorkern.ops import coor_attention as ca
 
 TY = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 results = []
 for name, dtype, d, extra in json.loads(sys.argv[1]):
-    fn, signature, constexprs, cfg = ca.aot_spec(name, TY[dtype], d, **extra)
     for arch in (80, 90):
-        # compile_for_gpu unwraps ``.fn`` (for @autotune wrappers); hand it the JITFunction that way
-        rep = compile_for_gpu(types.SimpleNamespace(fn=fn), signature, constexprs, arch,
-                              cfg["num_warps"], cfg["num_stages"], with_sass=True)
+        # aot_spec names the arguments a launch with contiguous inputs marks divisible by
+        # 16 (tt.divisibility), so this compiles the variant a GPU runs.
+        fn, signature, constexprs, cfg, divisible = ca.aot_spec(name, TY[dtype], d, arch=arch, **extra)
+        (rep,) = compile_many([CompileRequest(fn, signature, constexprs, arch, cfg["num_warps"], cfg["num_stages"],
+                                              with_sass=True, divisible=divisible)])
         results.append(dict(name=name, dtype=dtype, d=d, extra=extra, arch=arch, registers=rep.registers,
-                            local=rep.local_bytes, hgmma=rep.count("HGMMA"), hmma=rep.count("HMMA")))
+                            local=rep.local_bytes, stack=rep.stack_bytes, hgmma=rep.count("HGMMA"),
+                            hmma=rep.count("HMMA")))
 print("RESULTS" + json.dumps(results))
 """
 
-COMPILE_CASES = [
+COMPILE_CASES = [  # every kernel; the register-heaviest variants (d = 128, fp32) included
     ("fwd", "bf16", 64, {"sample_q": True}),
     ("fwd", "bf16", 128, {"sample_q": True}),
     ("fwd", "fp16", 32, {"sample_q": False}),
-    ("fwd", "fp32", 64, {"sample_q": True}),
+    ("fwd", "fp32", 128, {"sample_q": True}),
+    ("fwd", "fp32", 128, {"sample_q": False}),
     ("dkv", "bf16", 64, {}),
     ("dkv", "bf16", 128, {}),
-    ("dkv", "fp32", 32, {}),
+    ("dkv", "fp32", 128, {}),
     ("dq", "bf16", 64, {}),
     ("dq", "fp16", 128, {}),
-    ("dq", "fp32", 32, {}),
+    ("dq", "fp32", 128, {}),
     ("sample", "bf16", 128, {}),
-    ("sample", "fp32", 32, {}),
-    ("scatter", "fp32", 128, {"deterministic": False}),
-    ("scatter", "fp32", 64, {"deterministic": True}),
+    ("sample", "fp32", 128, {}),
+    ("scatter", "fp32", 64, {"deterministic": False}),
+    ("scatter", "bf16", 128, {"deterministic": False}),
+    ("scatter", "fp32", 32, {"deterministic": True}),
 ]
 
 
@@ -431,7 +436,8 @@ def test_every_kernel_compiles_for_sm80_sm90_without_spills(compiled_kernels):
     assert {r["name"] for r in compiled_kernels} == {"fwd", "dkv", "dq", "sample", "scatter"}
     assert len(compiled_kernels) == 2 * len(COMPILE_CASES)
     for r in compiled_kernels:
-        assert r["local"] == 0, r
+        # cuobjdump reports register spills of Triton kernels under STACK (LOCAL stays 0)
+        assert r["local"] == 0 and r["stack"] == 0, r
         assert 0 < r["registers"] <= 255, r
 
 

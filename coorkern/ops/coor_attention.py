@@ -12,20 +12,29 @@ channels-last map ``m`` ``(B, heads, H, W, d)`` at normalized (x, y) coordinates
 
 Triton kernels (CUDA; CPU tensors only under ``TRITON_INTERPRET=1``, for the tests):
 
-* ``_sample_kernel``      -- bilinear sampling pre-pass of the key side (maps -> tokens);
+* ``_sample_kernel``      -- bilinear sampling pre-pass of the key side (maps -> tokens;
+                             why pre-sample rather than fuse there: see its docstring);
 * ``_attn_fwd_kernel``    -- flash attention forward with the query-side sampling fused
                              into the Q tile load; online softmax, saves the log-sum-exp;
 * ``_attn_bwd_dkv_kernel``/``_attn_bwd_dq_kernel`` -- flash-attention-2 backward split in
                              two passes (key-major for dK/dV, query-major for dQ) so no
                              gradient needs atomics and none is N x N;
-* ``_scatter_kernel``     -- scatters d(sampled tokens) to the maps through the bilinear
+* ``_scatter_kernel``     -- scatters d(sampled tokens) to a map through the bilinear
                              weights (fp32 atomics, or per-corner partials reduced by a
                              deterministic sort-based ``index_put_`` when
                              ``torch.are_deterministic_algorithms_enabled()``) and reduces
-                             the coordinate gradient over d, heads (shared coords) and both
-                             sampled tensors inside the program (no atomics).
+                             the coordinate gradient over d inside the program.
 
-Extra memory is O(N d): sampled token buffers, fp32 gradient buffers, log-sum-exp.
+Forward: sample K (and V for "kv") -> attention.  Backward: re-sample Q/K/V into token
+buffers (an O(N d) pre-pass, cheaper than keeping them alive since the forward),
+``delta = rowsum(dO * O)``, dK/dV pass, dQ pass, then one scatter per sampled map; the
+two maps' (and, for shared coords, the heads') coordinate gradients are added by the
+host in a fixed order.  Extra memory is O(N d): sampled tokens, fp32 gradient buffers
+and log-sum-exp (plus 4 N d fp32 partials on the deterministic path); never N x N.
+
+Numerics: fp32 accumulation everywhere; exp2 with the scale folded into log2 e in fp32;
+float64 (the interpreter's gradcheck) uses exp/log and a two-float scale so that results
+match the float64 oracle to ~1e-15.
 
 CPU tensors normally run the C++ op (``csrc/coor_attention.cpp``: ATen grid sampler +
 CPU flash attention); ``torch.ops.coorkern.coor_attention`` returns ``(out, lse)`` and
@@ -95,11 +104,58 @@ def _bilinear_sample(base, sy, sx, sd, height, width, cx, cy, offs_d, row_mask, 
                      ALIGN: tl.constexpr, ACC: tl.constexpr):
     """Bilinearly sampled (BLOCK, BLOCK_D) tile: 4 row gathers of d contiguous channels."""
     x0, y0, wx0, wx1, wy0, wy1 = _bilinear_setup(cx, cy, height, width, ALIGN)
-    acc = _corner(base, x0, y0, height, width, sy, sx, sd, offs_d, row_mask, d_mask, ACC) * (wx0 * wy0)[:, None]
-    acc += _corner(base, x0 + 1, y0, height, width, sy, sx, sd, offs_d, row_mask, d_mask, ACC) * (wx1 * wy0)[:, None]
-    acc += _corner(base, x0, y0 + 1, height, width, sy, sx, sd, offs_d, row_mask, d_mask, ACC) * (wx0 * wy1)[:, None]
-    acc += _corner(base, x0 + 1, y0 + 1, height, width, sy, sx, sd, offs_d, row_mask, d_mask, ACC) * (wx1 * wy1)[:, None]
+    # One corner at a time: only the accumulator and one gathered tile are live.
+    acc = (wx0 * wy0)[:, None] * _corner(base, x0, y0, height, width, sy, sx, sd, offs_d, row_mask, d_mask, ACC)
+    acc += (wx1 * wy0)[:, None] * _corner(base, x0 + 1, y0, height, width, sy, sx, sd, offs_d, row_mask, d_mask, ACC)
+    acc += (wx0 * wy1)[:, None] * _corner(base, x0, y0 + 1, height, width, sy, sx, sd, offs_d, row_mask, d_mask, ACC)
+    acc += (wx1 * wy1)[:, None] * _corner(base, x0 + 1, y0 + 1, height, width, sy, sx, sd, offs_d, row_mask, d_mask,
+                                          ACC)
     return acc
+
+
+@triton.jit
+def _head(heads):
+    """(bh, b, h) of this program: grid axis 1 enumerates the (batch, head) pairs."""
+    bh = tl.program_id(1)
+    return bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+
+
+@triton.jit
+def _rows(n, d, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows (grid axis 0), the channel offsets, and their masks."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return offs, offs_d, offs < n, offs_d < d
+
+
+@triton.jit
+def _softmax_stats(lse_acc_ptr, delta_acc_ptr, rows, mask, ACC: tl.constexpr):
+    """Saved lse (in _exp_of's units) and delta of query rows; padding rows get lse = +inf
+    so that their probabilities are exactly 0."""
+    lse = tl.load(lse_acc_ptr + rows, mask=mask, other=float("inf")).to(ACC)
+    delta = tl.load(delta_acc_ptr + rows, mask=mask, other=0.0).to(ACC)
+    return _exp_units(lse, ACC), delta
+
+
+@triton.jit
+def _coords(c_acc_ptr, b, h, offs, s_cb, s_ch, s_cn, s_cc, mask, ACC: tl.constexpr):
+    """(x, y) of coordinates ``offs`` of (b, h) (s_ch = 0 when shared by the heads)."""
+    base = c_acc_ptr + b * s_cb + h * s_ch + offs * s_cn
+    return tl.load(base, mask=mask, other=0.0).to(ACC), tl.load(base + s_cc, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _tile(base, rows, offs_d, s_n, s_d, row_mask, d_mask):
+    """(rows, BLOCK_D) tile of a token tensor; zeros outside."""
+    return tl.load(base + rows[:, None] * s_n + offs_d[None, :] * s_d,
+                   mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_t(base, rows, offs_d, s_n, s_d, row_mask, d_mask):
+    """The same tile transposed, (BLOCK_D, rows): the B operand of A B^T products."""
+    return tl.load(base + rows[None, :] * s_n + offs_d[:, None] * s_d,
+                   mask=row_mask[None, :] & d_mask[:, None], other=0.0)
 
 
 @triton.jit
@@ -163,18 +219,10 @@ def _sample_kernel(
     4x fewer than fused from the first query block on.  Output is contiguous
     (B, heads, N, d) in the map dtype.
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < n_tok
-    d_mask = offs_d < d
-    c_base = c_acc_ptr + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch + offs_n * s_cn
-    cx = tl.load(c_base, mask=n_mask, other=0.0).to(ACC)
-    cy = tl.load(c_base + s_cc, mask=n_mask, other=0.0).to(ACC)
-    m_base = m_ptr + b.to(tl.int64) * s_mb + h.to(tl.int64) * s_mh
+    bh, b, h = _head(heads)
+    offs_n, offs_d, n_mask, d_mask = _rows(n_tok, d, BLOCK, BLOCK_D)
+    cx, cy = _coords(c_acc_ptr, b, h, offs_n, s_cb, s_ch, s_cn, s_cc, n_mask, ACC)
+    m_base = m_ptr + b * s_mb + h * s_mh
     tile = _bilinear_sample(m_base, s_my, s_mx, s_md, height, width, cx, cy, offs_d, n_mask, d_mask, ALIGN, ACC)
     o_ptrs = out_ptr + bh.to(tl.int64) * n_tok * d + offs_n[:, None] * d + offs_d[None, :]
     tl.store(o_ptrs, tile.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
@@ -201,25 +249,16 @@ def _attn_fwd_kernel(
     tile + BLOCK_M d out + BLOCK_M lse; per (b, h) 4 Nq N d FLOPs.  Stores O in the
     input dtype and lse = m + log(l) (natural log, fp32) for the backward.
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h = _head(heads)
+    offs_m, offs_d, m_mask, d_mask = _rows(n_q, d, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < n_q
-    d_mask = offs_d < d
     q_base = q_ptr + b * s_qb + h * s_qh
     if SAMPLE_Q:
-        c_base = c_acc_ptr + b * s_cb + h * s_ch + offs_m * s_cn
-        cx = tl.load(c_base, mask=m_mask, other=0.0).to(ACC)
-        cy = tl.load(c_base + s_cc, mask=m_mask, other=0.0).to(ACC)
+        cx, cy = _coords(c_acc_ptr, b, h, offs_m, s_cb, s_ch, s_cn, s_cc, m_mask, ACC)
         q = _bilinear_sample(q_base, s_qy, s_qx, s_qd, q_height, q_width, cx, cy, offs_d, m_mask, d_mask, ALIGN, ACC)
         q = q.to(k_ptr.dtype.element_ty)
     else:
-        q = tl.load(q_base + offs_m[:, None] * s_qy + offs_d[None, :] * s_qd,
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q = _tile(q_base, offs_m, offs_d, s_qy, s_qd, m_mask, d_mask)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     qk_scale = _exp_units(_scale_of(scale_hi, scale_lo, ACC), ACC)
@@ -229,16 +268,14 @@ def _attn_fwd_kernel(
     for start_n in range(0, n_kv, BLOCK_N):
         offs_n = start_n + offs_n0
         n_mask = offs_n < n_kv
-        kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        kt = _tile_t(k_base, offs_n, offs_d, s_kn, s_kd, n_mask, d_mask)
         s = _mm(q, kt, PRECISION, ACC, DOT_UPCAST) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first block holds key 0
         p = _exp_of(s - m_new[:, None], ACC)
         alpha = _exp_of(m_i - m_new, ACC)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        vt = _tile(v_base, offs_n, offs_d, s_vn, s_vd, n_mask, d_mask)
         acc = acc * alpha[:, None] + _mm(p.to(vt.dtype), vt, PRECISION, ACC, DOT_UPCAST)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -269,18 +306,11 @@ def _attn_bwd_dkv_kernel(
     Q, dO (2 Nq d elements) + lse, delta per program; writes dK, dV once in fp32 without
     atomics (each key block belongs to one program).  ``delta = rowsum(dO * O)``.
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh, b, h = _head(heads)
+    offs_n, offs_d, n_mask, d_mask = _rows(n_kv, d, BLOCK_N, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < n_kv
-    d_mask = offs_d < d
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
+    k = _tile(k_ptr + b * s_kb + h * s_kh, offs_n, offs_d, s_kn, s_kd, n_mask, d_mask)
+    v = _tile(v_ptr + b * s_vb + h * s_vh, offs_n, offs_d, s_vn, s_vd, n_mask, d_mask)
     q_base = q_ptr + b * s_qb + h * s_qh
     do_base = do_ptr + bh.to(tl.int64) * n_q * d
     row_base = bh.to(tl.int64) * n_q
@@ -291,30 +321,25 @@ def _attn_bwd_dkv_kernel(
     for start_m in range(0, n_q, BLOCK_M):
         offs_m = start_m + offs_m0
         m_mask = offs_m < n_q
-        qt = tl.load(q_base + offs_m[None, :] * s_qn + offs_d[:, None] * s_qd,
-                     mask=m_mask[None, :] & d_mask[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * d + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        # Padding query rows: lse = +inf makes their P^T column exactly 0.
-        lse = tl.load(lse_acc_ptr + row_base + offs_m, mask=m_mask, other=float("inf")).to(ACC)
-        delta = tl.load(delta_acc_ptr + row_base + offs_m, mask=m_mask, other=0.0).to(ACC)
+        qt = _tile_t(q_base, offs_m, offs_d, s_qn, s_qd, m_mask, d_mask)
+        do = _tile(do_base, offs_m, offs_d, d, 1, m_mask, d_mask)
+        lse, delta = _softmax_stats(lse_acc_ptr, delta_acc_ptr, row_base + offs_m, m_mask, ACC)
         st = _mm(k, qt, PRECISION, ACC, DOT_UPCAST)
-        pt = _exp_of(st * qk_scale - _exp_units(lse, ACC)[None, :], ACC)
+        pt = _exp_of(st * qk_scale - lse[None, :], ACC)
         dv += _mm(pt.to(do.dtype), do, PRECISION, ACC, DOT_UPCAST)
         dpt = _mm(v, tl.trans(do), PRECISION, ACC, DOT_UPCAST)
         dst = pt * (dpt - delta[None, :])
         dk += _mm(dst.to(qt.dtype), tl.trans(qt), PRECISION, ACC, DOT_UPCAST)
     out_off = bh.to(tl.int64) * n_kv * d + offs_n[:, None] * d + offs_d[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
     tl.store(dk_acc_ptr + out_off, dk * scale, mask=kv_mask)
     tl.store(dv_acc_ptr + out_off, dv, mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["heads", "n_q", "n_kv"])
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_acc_ptr, delta_acc_ptr, dq_acc_ptr,
-    heads, n_q, n_kv, d, scale_hi, scale_lo,
-    s_qb, s_qh, s_qn, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_acc_ptr, delta_acc_ptr, dq_acc_ptr, heads, n_q, n_kv, d, scale_hi, scale_lo,
+    s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,  # same arguments as the dK/dV pass
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -324,21 +349,12 @@ def _attn_bwd_dq_kernel(
     rather than sharing them with the dK/dV pass through fp32 atomics on dQ: 1.4x the
     backward FLOPs of the fused formulation, but deterministic and atomic-free.
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h = _head(heads)
+    offs_m, offs_d, m_mask, d_mask = _rows(n_q, d, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < n_q
-    d_mask = offs_d < d
-    q_mask = m_mask[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + bh.to(tl.int64) * n_q * d + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
-    row_base = bh.to(tl.int64) * n_q
-    lse = _exp_units(tl.load(lse_acc_ptr + row_base + offs_m, mask=m_mask, other=float("inf")).to(ACC), ACC)
-    delta = tl.load(delta_acc_ptr + row_base + offs_m, mask=m_mask, other=0.0).to(ACC)
+    q = _tile(q_ptr + b * s_qb + h * s_qh, offs_m, offs_d, s_qn, s_qd, m_mask, d_mask)
+    do = _tile(do_ptr + bh.to(tl.int64) * n_q * d, offs_m, offs_d, d, 1, m_mask, d_mask)
+    lse, delta = _softmax_stats(lse_acc_ptr, delta_acc_ptr, bh.to(tl.int64) * n_q + offs_m, m_mask, ACC)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     scale = _scale_of(scale_hi, scale_lo, ACC)
@@ -347,17 +363,16 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, n_kv, BLOCK_N):
         offs_n = start_n + offs_n0
         n_mask = offs_n < n_kv
-        kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * s_vn + offs_d[:, None] * s_vd,
-                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        kt = _tile_t(k_base, offs_n, offs_d, s_kn, s_kd, n_mask, d_mask)
+        vt = _tile_t(v_base, offs_n, offs_d, s_vn, s_vd, n_mask, d_mask)
         s = _mm(q, kt, PRECISION, ACC, DOT_UPCAST)
         p = _exp_of(s * qk_scale - lse[:, None], ACC)
         p = tl.where(n_mask[None, :], p, 0.0)  # padding keys (K = 0 would give exp(-lse))
         dp = _mm(do, vt, PRECISION, ACC, DOT_UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(kt.dtype), tl.trans(kt), PRECISION, ACC, DOT_UPCAST)
-    tl.store(dq_acc_ptr + bh.to(tl.int64) * n_q * d + offs_m[:, None] * d + offs_d[None, :], dq * scale, mask=q_mask)
+    tl.store(dq_acc_ptr + bh.to(tl.int64) * n_q * d + offs_m[:, None] * d + offs_d[None, :], dq * scale,
+             mask=m_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -432,17 +447,9 @@ def _scatter_kernel(
     (and the heads for shared coords) in a fixed order -- 4 numbers per coordinate.
     Per row: reads d (gradient) + 4 d (corners) elements, ~24 d FLOPs, 4 d fp32 atomics.
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < n_tok
-    d_mask = offs_d < d
-    c_base = c_acc_ptr + b * s_cb + h * s_ch + offs_n * s_cn
-    cx = tl.load(c_base, mask=n_mask, other=0.0).to(ACC)
-    cy = tl.load(c_base + s_cc, mask=n_mask, other=0.0).to(ACC)
+    bh, b, h = _head(heads)
+    offs_n, offs_d, n_mask, d_mask = _rows(n_tok, d, BLOCK, BLOCK_D)
+    cx, cy = _coords(c_acc_ptr, b, h, offs_n, s_cb, s_ch, s_cn, s_cc, n_mask, ACC)
     gx, gy = _scatter_map(m_ptr, g_acc_ptr, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, bh, b, h, n_tok,
                           height, width, d, s_mb, s_mh, s_my, s_mx, s_md, cx, cy, offs_n, offs_d,
                           n_mask, d_mask, ALIGN, DETERMINISTIC, ACC)
@@ -485,44 +492,55 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def launch_config(kind: str, d: int, dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
-    """Block sizes, warps and stages of one kernel, chosen by hand (see module docstring).
+def _current_arch() -> int:
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return 10 * major + minor
+    return 90
 
-    GPU: the dot-product tiles have a 64-multiple M dimension and 4/8 warps so that sm_90
-    uses wgmma (HGMMA); d = 128 and fp32 (twice the bytes per tile) get smaller key
-    tiles to stay in registers (the tests check for zero LOCAL bytes).  The interpreter
-    costs ~1 ms per program instance, so it gets large blocks.
+
+def launch_config(kind: str, d: int, dtype: torch.dtype, interpret: Optional[bool] = None,
+                  arch: Optional[int] = None) -> dict:
+    """Block sizes, warps and stages of one kernel, chosen by hand per (d, dtype, arch).
+
+    GPU: every dot has an M dimension that is a multiple of 64 with 4 or 8 warps, so sm_90
+    uses wgmma (HGMMA; fp32 as tf32 when torch allows it); d = 128 and fp32 (twice the
+    bytes per tile) get smaller tiles so nothing spills (checked for sm_80 and sm_90 by
+    the tests: zero LOCAL and zero STACK bytes).  The interpreter costs ~1 ms per program
+    instance, so it gets large blocks.
     """
     if interpret is None:
         interpret = _backend.triton_interpreter_enabled()
     bd = _block_d(d)
     if interpret:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK": 128, "num_warps": 4, "num_stages": 1}
-    wide = bd >= 128 or dtype == torch.float32
-    if kind == "fwd":
+    if arch is None:
+        arch = _current_arch()
+    fp32 = dtype == torch.float32
+    wide = bd >= 128 or fp32
+    if kind == "fwd":  # the sampled fp32 Q tile + fp32 O accumulator: halve BLOCK_M at fp32 d=128
+        if fp32 and bd >= 128:
+            return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2 if arch >= 90 else 1}
         return {"BLOCK_M": 128, "BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 2 if wide else 3}
-    if kind == "dkv":  # M of every dot is BLOCK_N (keys)
+    if kind == "dkv":  # M of every dot is BLOCK_N (keys); K, V, dK, dV stay in registers
+        if fp32:
+            return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8 if bd >= 128 and arch < 90 else 4, "num_stages": 2}
         return {"BLOCK_M": 32, "BLOCK_N": 64 if wide else 128, "num_warps": 4 if wide else 8, "num_stages": 2}
     if kind == "dq":
         return {"BLOCK_M": 64 if wide else 128, "BLOCK_N": 32, "num_warps": 4 if wide else 8, "num_stages": 2}
-    if kind == "scatter":  # 16 tile elements per thread: sm_80 has no vector fp32 atomics
-        return {"BLOCK": max(16, 2048 // bd), "num_warps": 4, "num_stages": 1}
-    # sample: gathers, no dots
-    return {"BLOCK": 64 if bd >= 128 else 128, "num_warps": 4, "num_stages": 1}
-
-
-def _split(x: float) -> tuple[float, float]:
-    """x as fp32 hi + lo (Triton passes Python floats as fp32; fp64 kernels add them)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(x - hi)
+    if kind == "scatter":  # 8-16 tile elements per thread: sm_80 has no vector fp32 atomics
+        return {"BLOCK": (2048 if arch >= 90 else 1024) // bd, "num_warps": 4, "num_stages": 1}
+    if kind == "sample":  # 4 gathered corner tiles of 32 elements per thread
+        return {"BLOCK": 4096 // bd, "num_warps": 4, "num_stages": 1}
+    raise ValueError(f"unknown kernel kind {kind!r}")
 
 
 _TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 _UNIT_STRIDES = ("s_md", "s_qd", "s_kd", "s_vd", "s_ad", "s_bd", "s_cc")
 
 
-def aot_spec(name: str, dtype: torch.dtype, d: int, *, sample_q: bool = True, deterministic: bool = False,
-             align_corners: bool = True):
+def aot_spec(name: str, dtype: torch.dtype, d: int, *, arch: int = 90, sample_q: bool = True,
+             deterministic: bool = False, align_corners: bool = True):
     """``(kernel, signature, constexprs, config, divisible)`` of one kernel as the launchers
     run it on a GPU with contiguous inputs, for ``coorkern._triton_aot.compile_for_gpu``.
 
@@ -535,7 +553,7 @@ def aot_spec(name: str, dtype: torch.dtype, d: int, *, sample_q: bool = True, de
     kernels = {"fwd": _attn_fwd_kernel, "dkv": _attn_bwd_dkv_kernel, "dq": _attn_bwd_dq_kernel,
                "sample": _sample_kernel, "scatter": _scatter_kernel}
     fn = kernels[name]
-    cfg = launch_config(name, d, dtype, interpret=False)
+    cfg = launch_config(name, d, dtype, interpret=False, arch=arch)
     acc = _acc_dtype(dtype)
     blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
     constexprs = dict(ACC=_tl_acc(dtype), BLOCK_D=_block_d(d), ALIGN=align_corners, SAMPLE_Q=sample_q,
@@ -563,6 +581,12 @@ def aot_spec(name: str, dtype: torch.dtype, d: int, *, sample_q: bool = True, de
     return fn, signature, constexprs, cfg, divisible
 
 
+def _split(x: float) -> tuple[float, float]:
+    """x as fp32 hi + lo (Triton passes Python floats as fp32; fp64 kernels add them)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(x - hi)
+
+
 def _grid_strides(coords: torch.Tensor) -> tuple[int, int, int, int]:
     """Strides (b, h, n, c) of coords; h stride 0 when shared by the heads."""
     if coords.dim() == 3:
@@ -584,12 +608,21 @@ def _sample_tokens(fmap: torch.Tensor, coords: torch.Tensor, align_corners: bool
     return out
 
 
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when the launcher will specialize it as 16-byte aligned with unit channel
+    stride and multiple-of-16 strides -- the kernel variant the tests compile spill-free for
+    sm_80/sm_90 -- else a contiguous copy (O(input), only for sliced or permuted inputs)."""
+    aligned = t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1])
+    return t if aligned else t.contiguous()
+
+
 def _prepare_coords(coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return coords.detach().to(_acc_dtype(dtype))  # tiny (N x 2); keeps its strides if no cast
 
 
 def _triton_forward(q, k, v, coords, sample, scale, align_corners):
     """Returns (out, lse): out (B, heads, Nq, d) in q's dtype, lse (B, heads, Nq) fp32."""
+    q, k, v = (_kernel_layout(t) for t in (q, k, v))
     c = _prepare_coords(coords, q.dtype)
     batch, heads, d = q.shape[0], q.shape[1], q.shape[-1]
     n = c.shape[-2]
@@ -652,6 +685,7 @@ def _scatter_pair(map_a, grad_a, map_b, grad_b, coords, align_corners):
 
 
 def _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners):
+    q, k, v = (_kernel_layout(t) for t in (q, k, v))
     c = _prepare_coords(coords, q.dtype)
     batch, heads, d = q.shape[0], q.shape[1], q.shape[-1]
     n = c.shape[-2]
@@ -838,16 +872,8 @@ def _validate(q, k, v, coords, sample, scale, align_corners):
     return sample, scale, align_corners
 
 
-def coor_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    coords: torch.Tensor,
-    *,
-    sample: str = "qk",
-    scale: Optional[float] = None,
-    align_corners: bool = True,
-) -> torch.Tensor:
+def coor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor, *, sample: str = "qk",
+                   scale: Optional[float] = None, align_corners: bool = True) -> torch.Tensor:
     """Coordinate-indexed attention ``softmax(Qs Ks^T * scale) Vs`` -> ``(B, heads, Nq, d)``.
 
     Args:
@@ -862,7 +888,10 @@ def coor_attention(
         align_corners: as in ``F.grid_sample``.
 
     q, k, v share a floating dtype (fp32/fp16/bf16/fp64; fp32 accumulation); coords may
-    have any floating dtype.  Gradients flow to all four tensors.
+    have any floating dtype.  Gradients flow to all four tensors.  On CUDA, fp32 products
+    use TF32 tensor cores when ``torch.get_float32_matmul_precision()`` is not "highest"
+    (as torch's own matmuls); setting ``torch.use_deterministic_algorithms(True)`` makes
+    the backward atomic-free and bitwise reproducible.  Extra memory is O(N d).
     """
     sample, scale, align_corners = _validate(q, k, v, coords, sample, scale, align_corners)
     device = q.device

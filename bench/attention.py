@@ -1,0 +1,217 @@
+"""Benchmark: coordinate-indexed attention, forward / backward / forward+backward.
+
+    python bench/attention.py [--sizes 8x32x832 4x32x3328 ...] [--dtypes fp32 bf16]
+                              [--samples qk kv] [--reps 10] [--no-compile]
+
+Sizes are heads x d x N with B = 2 (the detector's: 8x32x832, 4x32x3328, 2x32x13312,
+2x64x13312 and the long case 1x64x16384); maps are H x W = N (W = 13 N / 16 rows of the
+detector's 512 x 416 input scaled, else the nearest factorization) and the N coords
+sample them (Nq = N in both modes).  Columns:
+
+* eager          -- F.grid_sample per sampled tensor + matmul / softmax / matmul
+* grid+sdpa      -- F.grid_sample + F.scaled_dot_product_attention (coorkern.reference)
+* torch.compile  -- torch.compile of the eager version
+* coorkern       -- coorkern.coor_attention (Triton on CUDA, the C++ op on CPU)
+
+Median time (ms), peak extra memory (MiB) of the step and, on a GPU, TFLOP/s counted
+as 4 B heads Nq N d for forward, 2.5x that for backward.  "fwd" is a training forward
+(inputs require grad), "bwd" the backward alone (a fresh untimed forward before each),
+"fwd+bwd" one training step; the memory column is the step's.  On a CPU-only
+machine the default sizes are the ones an N x N eager baseline fits and finishes in
+reasonable time (the first two detector sizes), and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import coorkern  # noqa: E402
+from coorkern import reference  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_SIZES = ["8x32x832", "4x32x3328", "2x32x13312", "2x64x13312", "1x64x16384"]
+CPU_SIZES = ["8x32x832", "4x32x3328"]
+BATCH = 2
+
+
+def map_shape(n: int) -> tuple[int, int]:
+    """H x W = n with the detector's 4:3.25 aspect (832 = 32 x 26, 13312 = 128 x 104)."""
+    for h in range(int(math.sqrt(n * 16 / 13)), 0, -1):
+        if n % h == 0 and abs(n // h * 16 - h * 13) <= h:
+            return h, n // h
+    h = int(math.sqrt(n))
+    while n % h:
+        h -= 1
+    return h, n // h
+
+
+def _sample(fmap, grid):
+    b, h, hh, ww, d = fmap.shape
+    x = fmap.permute(0, 1, 4, 2, 3).reshape(b * h, d, hh, ww)
+    s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return s.reshape(b, h, d, -1).transpose(-1, -2)
+
+
+def eager(q, k, v, coords, sample):
+    """What a user writes without the fused kernel: sampled tensors and the N x N scores."""
+    b, heads = q.shape[:2]
+    grid = coords.unsqueeze(1).expand(b, heads, -1, 2).reshape(b * heads, 1, -1, 2).to(q.dtype)
+    if sample == "qk":
+        qs, ks, vs = _sample(q, grid), _sample(k, grid), v
+    else:
+        qs, ks, vs = q, _sample(k, grid), _sample(v, grid)
+    attn = torch.softmax(qs @ ks.transpose(-1, -2) * qs.shape[-1] ** -0.5, dim=-1)
+    return attn @ vs
+
+
+def grid_sdpa(q, k, v, coords, sample):
+    return reference.coor_attention(q, k, v, coords, sample=sample)
+
+
+def fused(q, k, v, coords, sample):
+    return coorkern.coor_attention(q, k, v, coords, sample=sample)
+
+
+def make_inputs(heads, d, n, dtype, sample, device):
+    h, w = map_shape(n)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+
+    fmap = lambda: rand(BATCH, heads, h, w, d)  # noqa: E731
+    if sample == "qk":
+        q, k, v = fmap(), fmap(), rand(BATCH, heads, n, d)
+    else:
+        q, k, v = rand(BATCH, heads, n, d), fmap(), fmap()
+    coords = (torch.rand(BATCH, n, 2, generator=gen) * 2.2 - 1.1).to(device).requires_grad_(True)
+    return q, k, v, coords
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_backward(fwd, inputs, grad, device, reps):
+    """Median seconds of the backward alone (a fresh forward before each, not timed);
+    retain_graph is avoided because torch.compile's backward donates its buffers."""
+    times = []
+    for i in range(reps + 1):
+        out = fwd()
+        _sync(device)
+        start = time.perf_counter()
+        torch.autograd.grad(out, inputs, grad)
+        _sync(device)
+        if i:  # the first one is warm-up
+            times.append(time.perf_counter() - start)
+        del out
+    return statistics.median(times)
+
+
+def bench_one(fn, inputs, sample, device, reps):
+    """(fwd s, bwd s, fwd+bwd s, fwd+bwd peak extra MiB); None where it ran out of memory."""
+    q, k, v, coords = inputs
+
+    def fwd():
+        return fn(q, k, v, coords, sample)
+
+    try:
+        out = fwd()
+        grad = torch.randn_like(out)
+        del out
+        t_fwd, _ = _common.measure(fwd, device, warmup=1, reps=reps)
+        t_bwd = time_backward(fwd, inputs, grad, device, reps)
+
+        def step():
+            torch.autograd.grad(fwd(), inputs, grad)
+
+        t_step, mem = _common.measure(step, device, warmup=1, reps=reps)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # eager N x N at the long sizes
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+    return t_fwd, t_bwd, t_step, mem
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=None, help="heads x d x N (B = 2)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES))
+    parser.add_argument("--samples", nargs="+", default=["qk", "kv"], choices=["qk", "kv"])
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--markdown", default=None, help="also write the markdown table to this file")
+    args = parser.parse_args()
+
+    device = _common.default_device()
+    on_gpu = device.type == "cuda"
+    sizes = args.sizes or (GPU_SIZES if on_gpu else CPU_SIZES)
+    dtypes = args.dtypes or (["fp32", "bf16"] if on_gpu else ["fp32"])
+    reps = args.reps or (20 if on_gpu else 3)
+    note = ("Triton kernels" if on_gpu else
+            "CPU only: coorkern = the C++ op (ATen grid sampler + CPU flash attention); default sizes are the "
+            "detector sizes whose N x N eager baseline fits and runs in reasonable time on this CPU "
+            f"({', '.join(CPU_SIZES)}); fp32 only by default (bf16 matmuls are emulated on most CPUs)")
+    print(f"device: {_common.device_name(device)} ({note})")
+    print(_common.threads_note())
+
+    impls = {"eager": eager, "grid+sdpa": grid_sdpa}
+    if not args.no_compile:
+        impls["torch.compile"] = torch.compile(eager)
+    impls["coorkern"] = fused
+
+    header = ["heads x d x N", "dtype", "sample", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
+              "fwd+bwd vs eager", "vs grid+sdpa"]
+    if on_gpu:
+        header += ["fwd TFLOP/s", "bwd TFLOP/s"]
+    rows = []
+    for size in sizes:
+        heads, d, n = (int(x) for x in size.split("x"))
+        for dtype_name in dtypes:
+            for sample in args.samples:
+                inputs = make_inputs(heads, d, n, DTYPES[dtype_name], sample, device)
+                results = {name: bench_one(fn, inputs, sample, device, reps) for name, fn in impls.items()}
+                flops = 4 * BATCH * heads * n * n * d
+                for name, res in results.items():
+                    if res is None:
+                        row = [size, dtype_name, sample, name, "OOM", "OOM", "OOM", "-", "-", "-"]
+                        rows.append(row + (["-", "-"] if on_gpu else []))
+                        continue
+                    t_f, t_b, t_s, mem = res
+
+                    def ratio(base):
+                        other = results.get(base)
+                        return f"{other[2] / t_s:.2f}x" if other else "-"
+
+                    row = [size, dtype_name, sample, name, f"{t_f * 1e3:.2f}", f"{t_b * 1e3:.2f}",
+                           f"{t_s * 1e3:.2f}", f"{mem:.0f}", ratio("eager"), ratio("grid+sdpa")]
+                    if on_gpu:
+                        row += [f"{flops / t_f / 1e12:.1f}", f"{2.5 * flops / t_b / 1e12:.1f}"]
+                    rows.append(row)
+                    print(" | ".join(row), flush=True)
+    table = _common.markdown_table(header, rows)
+    print()
+    print(f"Machine: {_common.device_name(device)}; B = {BATCH}; {note}")
+    print()
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Machine: {_common.device_name(device)}; B = {BATCH}; {note}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
