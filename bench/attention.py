@@ -9,7 +9,7 @@ detector's 512 x 416 input scaled, else the nearest factorization) and the N coo
 sample them (Nq = N in both modes).  Columns:
 
 * eager          -- F.grid_sample per sampled tensor + matmul / softmax / matmul
-* grid+sdpa      -- F.grid_sample + F.scaled_dot_product_attention (coorkern.reference)
+* grid+sdpa      -- F.grid_sample + F.scaled_dot_product_attention, in the inputs' dtype
 * torch.compile  -- torch.compile of the eager version
 * coorkern       -- coorkern.coor_attention (Triton on CUDA, the C++ op on CPU)
 
@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import coorkern  # noqa: E402
-from coorkern import reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_SIZES = ["8x32x832", "4x32x3328", "2x32x13312", "2x64x13312", "1x64x16384"]
@@ -60,23 +59,28 @@ def _sample(fmap, grid):
     b, h, hh, ww, d = fmap.shape
     x = fmap.permute(0, 1, 4, 2, 3).reshape(b * h, d, hh, ww)
     s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return s.reshape(b, h, d, -1).transpose(-1, -2)
+    return s.reshape(b, h, d, -1).transpose(-1, -2).contiguous()  # contiguous: SDPA's fused kernels need it
+
+
+def _sampled_tokens(q, k, v, coords, sample):
+    """Qs, Ks, Vs in the inputs' dtype (no N x N tensor yet)."""
+    b, heads = q.shape[:2]
+    grid = coords.unsqueeze(1).expand(b, heads, -1, 2).reshape(b * heads, 1, -1, 2).to(q.dtype)
+    if sample == "qk":
+        return _sample(q, grid), _sample(k, grid), v
+    return q, _sample(k, grid), _sample(v, grid)
 
 
 def eager(q, k, v, coords, sample):
     """What a user writes without the fused kernel: sampled tensors and the N x N scores."""
-    b, heads = q.shape[:2]
-    grid = coords.unsqueeze(1).expand(b, heads, -1, 2).reshape(b * heads, 1, -1, 2).to(q.dtype)
-    if sample == "qk":
-        qs, ks, vs = _sample(q, grid), _sample(k, grid), v
-    else:
-        qs, ks, vs = q, _sample(k, grid), _sample(v, grid)
+    qs, ks, vs = _sampled_tokens(q, k, v, coords, sample)
     attn = torch.softmax(qs @ ks.transpose(-1, -2) * qs.shape[-1] ** -0.5, dim=-1)
     return attn @ vs
 
 
 def grid_sdpa(q, k, v, coords, sample):
-    return reference.coor_attention(q, k, v, coords, sample=sample)
+    """grid_sample + F.scaled_dot_product_attention in the inputs' dtype (flash/efficient kernels)."""
+    return F.scaled_dot_product_attention(*_sampled_tokens(q, k, v, coords, sample))
 
 
 def fused(q, k, v, coords, sample):

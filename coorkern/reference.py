@@ -115,7 +115,8 @@ def coor_attention(
         b, h, hh, ww, d = fmap.shape
         x = fmap.to(compute).permute(0, 1, 4, 2, 3).reshape(b * h, d, hh, ww)
         s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
-        return s.reshape(b, h, d, -1).transpose(-1, -2)  # (B, heads, N, d)
+        # (B, heads, N, d); contiguous so that SDPA can take its fused (O(N) memory) kernels
+        return s.reshape(b, h, d, -1).transpose(-1, -2).contiguous()
 
     if sample == "qk":
         qs, ks, vs = sampled(q), sampled(k), v.to(compute)

@@ -1,0 +1,203 @@
+"""Training, checkpoints/resume, evaluation and prediction commands on tiny synthetic runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from coorkern import _runs, train
+
+pytest.importorskip("PIL.Image")
+
+TINY = ["--image-size", "64", "64", "--train-samples", "32", "--val-samples", "8", "--test-samples", "8",
+        "--batch-size", "4", "--base-channels", "4", "--heads", "2", "2", "1", "1", "--no-progress",
+        "--threads", "1", "--overlays", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    result = train.main(TINY + ["--epochs", "4", "--lr", "3e-3", "--out", str(out)])
+    return result
+
+
+def test_short_training_run_loss_falls_and_writes_the_run_folder(tiny_run):
+    history = tiny_run["history"]
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < 0.95 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    run = tiny_run["run_dir"]
+    for name in ("config.json", "metrics.json", "metrics.csv", "checkpoint_best.pt", "checkpoint_last.pt",
+                 "test_metrics.json"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "overlays").glob("*.png"))) == 2
+    csv_lines = (run / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 5
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["base_channels"] == 4 and config["args"]["loss"] == "central"
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert set(report) >= {"model", "baseline"} and report["model"]["unit"] == "mm"
+    assert [r.name for r in run.iterdir() if r.name.endswith(".tmp")] == []
+
+
+def test_checkpoint_loads_with_weights_only_and_round_trips(tiny_run):
+    path = tiny_run["run_dir"] / "checkpoint_last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config", "model_config"} <= set(ckpt)
+    assert ckpt["epoch"] == 3
+    model = _runs.model_from_checkpoint(_runs.load_checkpoint(path))
+    for key, value in tiny_run["model"].state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    config = {"model": {"in_channels": 1}}
+    path = _runs.save_checkpoint(tmp_path / "c.pt", model=model, config=config, epoch=0)
+    before = path.read_bytes()
+
+    def killed(obj, f, *a, **k):  # the process dies half-way through writing
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _runs.save_checkpoint(path, model=model, config=config, epoch=1)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    args = TINY + ["--epochs", "2", "--deterministic", "--overlays", "0", "--train-samples", "16"]
+    straight = train.main(args + ["--out", str(tmp_path / "a")])
+    first = train.main(args + ["--out", str(tmp_path / "b"), "--stop-after", "1"])
+    assert first["test"] is None and len(first["history"]) == 1
+    resumed = train.main(["--resume", str(tmp_path / "b" / "checkpoint_last.pt"), "--no-progress", "--threads", "1"])
+    assert resumed["run_dir"] == tmp_path / "b"
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    def strip(history):  # everything but the timings
+        return [{k: v for k, v in row.items() if "time" not in k and "images_per_s" not in k} for row in history]
+
+    assert strip(straight["history"]) == strip(resumed["history"])
+
+
+@pytest.mark.parametrize("loss", train.LOSSES)
+def test_losses_are_finite_and_differentiable(loss):
+    logits = torch.randn(2, 3, 16, 20, requires_grad=True)
+    landmarks = torch.rand(2, 3, 2) * 15
+    value = train.compute_loss(loss, logits, landmarks, sigma=2.0)
+    value.backward()
+    assert value.ndim == 0 and torch.isfinite(value) and torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_cli_help_and_argument_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--data", "--root", "--image-size", "--epochs", "--batch-size", "--lr", "--loss", "--r",
+                   "--sigma", "--transformer", "--base-channels", "--device", "--amp", "--compile", "--seed",
+                   "--deterministic", "--out", "--resume"):
+        assert option in text, option
+    for bad in (["--loss", "mse"], ["--epochs", "0"], ["--amp", "fp8"], ["--lr", "1e-4", "--min-lr", "1e-3"],
+                ["--data", "isbi2015"], ["--resume", "/nonexistent/ckpt.pt"], ["--device", "tpu:9"],
+                ["--image-size", "64"], ["--data", "hand", "--root", "/nonexistent"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(bad)
+        assert exit_info.value.code == 2, bad
+        assert "error" in capsys.readouterr().err.lower()
+
+
+def test_evaluate_and_predict_commands(tiny_run, tmp_path):
+    from coorkern import evaluate, predict
+
+    run = tiny_run["run_dir"]
+    report = evaluate.main(["--checkpoint", str(run), "--out", str(tmp_path / "eval"), "--overlays", "1"])
+    assert report["split"] == "test" and len(report["predictions"]) == 8
+    assert report["baseline"] is not None and "per_landmark" in report["metrics"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["data"] == "synthetic"
+    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 1
+
+    image = tmp_path / "xray.png"
+    from PIL import Image
+
+    Image.new("L", (100, 80), 128).save(image)
+    result = predict.main(["--checkpoint", str(run / "checkpoint_best.pt"), str(image), "--out",
+                           str(tmp_path / "pred"), "--spacing", "0.1"])
+    (entry,) = result
+    assert len(entry["landmarks_px"]) == 19 and len(entry["landmarks_mm"]) == 19
+    assert entry["image_size"] == [80, 100]
+    assert (tmp_path / "pred" / "xray_landmarks.png").is_file()
+    assert json.loads((tmp_path / "pred" / "predictions.json").read_text())[0]["image"] == str(image)
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", str(run), str(tmp_path / "missing.png")])
+
+
+def test_module_help_runs_as_a_command():
+    env = dict(os.environ)
+    for module in ("coorkern.train", "coorkern.evaluate", "coorkern.predict"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: python -m " + module in proc.stdout
+
+
+def test_mixed_precision_and_baseline_losses_run(tmp_path):
+    result = train.main(TINY + ["--epochs", "1", "--train-samples", "8", "--amp", "bf16", "--loss", "focal",
+                                "--overlays", "0", "--out", str(tmp_path / "amp")])
+    assert len(result["history"]) == 1 and result["test"] is not None
+
+
+def test_training_on_a_custom_csv_dataset(tmp_path):
+    """The real-data path: Pillow images + CSV, resize, augmentation, val = test split, mm from a spacing column."""
+    from PIL import Image
+
+    from coorkern.data import render_synthetic
+
+    images, landmarks = render_synthetic(list(range(10)), (80, 96))
+    rows = ["image,x0,y0,x1,y1,x2,y2,spacing"]
+    for i in range(10):
+        Image.fromarray((images[i, 0] * 255).clamp(0, 255).byte().numpy()).save(tmp_path / f"{i}.png")
+        coords = ",".join(f"{v:.3f}" for v in landmarks[i, :3].reshape(-1).tolist())
+        rows.append(f"{i}.png,{coords},0.25")
+    (tmp_path / "landmarks.csv").write_text("\n".join(rows) + "\n")
+    result = train.main(TINY + ["--data", "csv", "--root", str(tmp_path), "--image-size", "64", "64", "--epochs", "1",
+                                "--out", str(tmp_path / "run")])
+    assert result["config"]["args"]["augment"] is True
+    assert result["test"]["unit"] == "mm" and len(result["test"]["per_landmark"]) == 3
+    assert result["config"]["model"]["num_landmarks"] == 3
+
+
+def test_hand_data_with_data_options_and_predict_in_mm(tmp_path):
+    from format_fixtures import hand_fixture
+
+    from coorkern import predict
+
+    hand_fixture(tmp_path / "hand", n=6, size=(80, 64))
+    result = train.main(TINY + ["--data", "hand", "--root", str(tmp_path / "hand"), "--epochs", "1",
+                                "--data-option", "landmark_indices=[0,1,5,9]", "--out", str(tmp_path / "run")])
+    assert result["config"]["model"]["num_landmarks"] == 4
+    assert result["config"]["data_options"]["landmark_indices"] == [0, 1, 5, 9]
+    assert result["test"]["unit"] == "mm" and result["test"]["thresholds"] == [2.0, 4.0, 10.0]
+    coords = torch.tensor([[0.0, 0.0], [10.0, 10.0], [13.0, 14.0], [5.0, 5.0]])  # wrist 1 -> 5: 5 px
+    assert predict._hand_spacing(result["config"], coords) == [10.0, 10.0]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--data", "hand", "--root", str(tmp_path / "hand"), "--data-option", "bogus=1"])
+    assert exit_info.value.code == 2
+
+
+def test_text_progress_bar_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    bar = train._Progress(3, "epoch 1/1", enabled=True)
+    assert bar.bar is None
+    for _ in range(3):
+        bar.update(loss="0.1", lr="1e-3", img_s="5.0")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "epoch 1/1 [" in err and "3/3 loss=0.1, lr=1e-3, img_s=5.0" in err
