@@ -303,11 +303,14 @@ class _Progress:
             self.bar.update(1)
             return
         now = time.time()
-        if now - self._last > 0.5 or self.n == self.total:
+        # Redraw in place on a terminal; into a log file (not a TTY) write only the final line.
+        tty = sys.stderr.isatty()
+        if (tty and now - self._last > 0.5) or self.n == self.total:
             self._last = now
             width = 24
             done = int(width * self.n / max(self.total, 1))
-            sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {text}")
+            bar = "#" * done + "." * (width - done)
+            sys.stderr.write(("\r" if tty else "") + f"{self.desc} [{bar}] {self.n}/{self.total} {text}")
             if self.n == self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
@@ -402,6 +405,10 @@ def _main(argv: list) -> dict:
         test_ds = val_ds if args.test_split == args.val_split else _dataset(args, args.test_split, False)
     except (ValueError, data_mod.DatasetFormatError) as exc:
         parser.error(str(exc))
+    if args.test_split == args.val_split:
+        _log(dist, f"note: the best epoch is selected on the '{args.val_split}' split that is also reported as "
+                   "held-out (the published protocols do this); the reported metrics are then optimistic. "
+                   "Pass --val-split to select on a separate split.")
     num_landmarks = train_ds.num_landmarks
     mean_shape = metrics.mean_shape_baseline(train_ds.all_landmarks())
     thresholds = tuple(args.thresholds or train_ds.thresholds)

@@ -418,6 +418,8 @@ def _kernel_variants():
             for dtype in ("fp32", "bf16", "fp16"):
                 for r_int in (2, -1):
                     yield mode, from_landmarks, dtype, r_int
+    for r_int in (0, 1, 3, 4):  # the other integer-power specializations, gradient pass
+        yield 2, False, "fp32", r_int
 
 
 @pytest.mark.parametrize("arch", [80, 90])

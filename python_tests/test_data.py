@@ -98,15 +98,6 @@ def test_augmented_dataset_is_seeded_by_epoch_and_index():
     assert not torch.equal(ds[0]["landmarks"], first)
 
 
-def test_synthetic_generation_is_fast():
-    import time
-
-    t = time.perf_counter()
-    ds = data.load_dataset("synthetic", image_size=(64, 64), num_samples=256)
-    ds[0]
-    assert time.perf_counter() - t < 20.0  # ~2 s on one shared core
-
-
 # ---------------------------------------------------------------------------
 # Public formats
 
