@@ -362,6 +362,25 @@ def test_package_works_without_the_cpp_extension():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+def test_broken_extension_gives_one_clear_warning():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['coorkern._C'] = None  # makes `from . import _C` raise ImportError\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, coorkern\n"
+        "    x = torch.randn(2, 3, 8, 8, requires_grad=True)\n"
+        "    coorkern.central_loss(x, torch.rand(2, 3, 8, 8)).backward()\n"
+        "    coorkern.central_loss_from_landmarks(x, torch.rand(2, 3, 2) * 7)\n"
+        "ours = [w for w in caught if 'coorkern' in str(w.message)]\n"
+        "assert len(ours) == 1 and 'C++ extension' in str(ours[0].message), [str(w.message) for w in ours]\n"
+        "assert not coorkern.cpp_available()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
 def test_cpp_schemas_match_python_schemas():
     if not coorkern.cpp_available():
         pytest.fail("the C++ extension must be built for the test suite")
