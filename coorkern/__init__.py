@@ -4,8 +4,14 @@ Public API:
 
 * :func:`central_loss`, :func:`central_loss_from_landmarks`, :class:`CentralLoss`
   -- the position- and sample-aware central loss, fused forward/backward;
+* :func:`coor_attention`, :class:`CoorAttention` -- coordinate-indexed attention
+  (bilinear sampling at learned coordinates fused with flash attention);
 * :func:`backend` -- force the implementation (``triton``/``cpp``/``reference``);
 * :mod:`coorkern.reference` -- eager PyTorch oracles for every op.
+
+Submodules: :mod:`coorkern.models` (the detector), :mod:`coorkern.export` (ONNX),
+:mod:`coorkern.data`, :mod:`coorkern.metrics`, and the commands ``coorkern.train``,
+``coorkern.evaluate``, ``coorkern.predict``.
 
 Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C++.
 """
