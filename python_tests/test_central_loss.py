@@ -439,6 +439,8 @@ def _kernel_variants():
                     yield mode, from_landmarks, dtype, r_int
     for r_int in (0, 1, 3, 4):  # the other integer-power specializations, gradient pass
         yield 2, False, "fp32", r_int
+    for mode in (1, 2):  # float64 (fp64 accumulation) on GPUs too
+        yield mode, True, "fp64", -1
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -448,15 +450,15 @@ def test_triton_kernel_compiles_for_gpu_without_spills(arch):
 
     requests, labels = [], []
     for mode, from_landmarks, dtype, r_int in _kernel_variants():
-        ptr = f"*{dtype}"
+        ptr, acc = f"*{dtype}", "fp64" if dtype == "fp64" else "fp32"
         signature = {
-            "x_ptr": ptr, "t_ptr": ptr, "lm_ptr": "*fp32", "grad_out_ptr": ptr,
-            "out_ptr": "*fp32" if mode == 1 else ptr, "inner": "i64", "width": "i32", "r": "fp32",
+            "x_ptr": ptr, "t_ptr": ptr, "lm_ptr": f"*{acc}", "grad_out_ptr": ptr,
+            "out_ptr": f"*{acc}" if mode == 1 else ptr, "inner": "i64", "width": "i32", "r": "fp32",
             "inv_two_sigma2": "fp32", "radius2": "fp32", "grad_scale": "fp32",
         }
         constexprs = {
             "MODE": mode, "FROM_LANDMARKS": from_landmarks, "HAS_RADIUS": from_landmarks, "GRAD_OUT_SCALAR": True,
-            "R_INT": r_int, "ACC": tl.float32, "BLOCK": 2048,
+            "R_INT": r_int, "ACC": tl.float64 if dtype == "fp64" else tl.float32, "BLOCK": 2048,
         }
         pointers = [name for name, ty in signature.items() if ty.startswith("*")]  # 16-byte aligned at launch
         requests.append(CompileRequest(cl_module._central_loss_kernel, signature, constexprs, arch, num_warps=8,
@@ -465,4 +467,5 @@ def test_triton_kernel_compiles_for_gpu_without_spills(arch):
     for label, report in zip(labels, compile_many(requests)):
         assert report.arch == arch
         assert report.local_bytes == 0 and report.stack_bytes == 0, f"{label}: spills {report}"
-        assert 0 < report.registers <= 128, f"{label}: {report.registers} registers"
+        limit = 255 if dtype == "fp64" else 128  # 8 warps: 128 registers keep 2 programs per SM
+        assert 0 < report.registers <= limit, f"{label}: {report.registers} registers"
