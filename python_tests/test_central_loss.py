@@ -445,6 +445,7 @@ def _kernel_variants():
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_kernel_compiles_for_gpu_without_spills(arch):
+    """triton.compile(..., target=GPUTarget("cuda", arch, 32)) of every variant, no GPU needed."""
     from coorkern._triton_aot import CompileRequest, compile_many
     import triton.language as tl
 
