@@ -45,7 +45,7 @@ def device_name(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -62,12 +62,12 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int = 2, r
     """Median seconds per ``step()`` and peak extra memory in MiB over one step."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
-        _sync(device)
+        sync(device)
         extra = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
         base = _rss_kib("VmRSS")
@@ -81,10 +81,10 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int = 2, r
             extra = float("nan")
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), extra
 

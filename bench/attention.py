@@ -103,21 +103,16 @@ def make_inputs(heads, d, n, dtype, sample, device):
     return q, k, v, coords
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_backward(fwd, inputs, grad, device, reps):
     """Median seconds of the backward alone (a fresh forward before each, not timed);
     retain_graph is avoided because torch.compile's backward donates its buffers."""
     times = []
     for i in range(reps + 1):
         out = fwd()
-        _sync(device)
+        _common.sync(device)
         start = time.perf_counter()
         torch.autograd.grad(out, inputs, grad)
-        _sync(device)
+        _common.sync(device)
         if i:  # the first one is warm-up
             times.append(time.perf_counter() - start)
         del out

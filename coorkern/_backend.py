@@ -68,14 +68,6 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton is a hard dependency
-        return False
-    return True
-
-
 def resolve(device: torch.device, op: str) -> str:
     """Return the concrete backend (``triton``/``cpp``/``reference``) for ``op`` on ``device``."""
     name = requested_backend()
@@ -89,8 +81,6 @@ def resolve(device: torch.device, op: str) -> str:
         else:
             return "reference"
     if name == "triton":
-        if not triton_available():
-            raise BackendUnavailableError(f"coorkern.{op}: backend 'triton' requested but triton is not importable")
         if device.type == "cuda":
             return name
         if device.type == "cpu" and triton_interpreter_enabled():

@@ -48,3 +48,26 @@ def check_number(name: str, value: object, *, minimum: float | None = None, stri
         relation = ">" if strict else ">="
         raise ValueError(f"{name} must be {relation} {minimum}, got {value}")
     return value
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_int_sequence(name: str, value: object, length: int, minimum: int) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of {length} ints, got {type(value).__name__}")
+    if len(value) != length:
+        raise ValueError(f"{name} must have {length} entries, got {len(value)}")
+    items = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"{name}[{i}] must be an int, got {type(item).__name__}")
+        if item < minimum:
+            raise ValueError(f"{name}[{i}] must be >= {minimum}, got {item}")
+        items.append(item)
+    return tuple(items)

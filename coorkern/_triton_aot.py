@@ -20,6 +20,8 @@ import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
+from ._backend import triton_interpreter_enabled
+
 
 @dataclasses.dataclass
 class KernelReport:
@@ -138,7 +140,7 @@ def _request_from_json(spec: dict) -> CompileRequest:
 
 def compile_many(requests: Sequence[CompileRequest]) -> list[KernelReport]:
     """Compile each request for its GPU target; raises if any fails to compile."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not triton_interpreter_enabled():
         return [_compile_in_process(req) for req in requests]
     env = dict(os.environ, TRITON_INTERPRET="0")
     payload = json.dumps([_request_to_json(req) for req in requests])

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_number, check_rank, check_tensor
+from ._checks import check_choice, check_int_sequence, check_number, check_positive_int, check_rank, check_tensor
 from .ops.coor_attention import coor_attention
 
 __all__ = [
@@ -50,29 +50,6 @@ __all__ = [
 COORD_MODES = ("offset", "absolute")
 ATTENTION_KINDS = ("coor", "vanilla")
 TRANSFORMER_KINDS = ("coor", "vanilla", "none")
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _check_int_sequence(name: str, value: object, length: int, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of {length} ints, got {type(value).__name__}")
-    if len(value) != length:
-        raise ValueError(f"{name} must have {length} entries (one per decoder stage), got {len(value)}")
-    items = []
-    for i, item in enumerate(value):
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise TypeError(f"{name}[{i}] must be an int, got {type(item).__name__}")
-        if item < minimum:
-            raise ValueError(f"{name}[{i}] must be >= {minimum}, got {item}")
-        items.append(item)
-    return tuple(items)
 
 
 def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -133,9 +110,9 @@ class CoordinateModule(nn.Module):
         offset_range: float = 4.0,
     ) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
-        self.heads = _check_positive_int("heads", heads)
-        self.groups = _check_positive_int("groups", groups)
+        self.dim = check_positive_int("dim", dim)
+        self.heads = check_positive_int("heads", heads)
+        self.groups = check_positive_int("groups", groups)
         if heads % groups:
             raise ValueError(f"groups ({groups}) must divide heads ({heads})")
         self.coords = check_choice("coords", coords, COORD_MODES)
@@ -246,8 +223,8 @@ class CoorTransformerBlock(nn.Module):
         qkv_bias: bool = True,
     ) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("heads", heads)
+        check_positive_int("dim", dim)
+        check_positive_int("heads", heads)
         check_number("mlp_ratio", mlp_ratio, minimum=0.0, strict=True)
         if patch_size not in (1, 2):
             raise ValueError(f"patch_size must be 1 (tokens at full resolution) or 2 (half), got {patch_size!r}")
@@ -378,12 +355,12 @@ class CoorDetector(nn.Module):
         token_strides: Sequence[int] = (1, 1, 1, 2),
     ) -> None:
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.num_landmarks = _check_positive_int("num_landmarks", num_landmarks)
-        self.base_channels = _check_positive_int("base_channels", base_channels)
-        self.depths = _check_int_sequence("depths", depths, 4, minimum=0)
-        self.heads = _check_int_sequence("heads", heads, 4, minimum=1)
-        self.token_strides = _check_int_sequence("token_strides", token_strides, 4, minimum=1)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.num_landmarks = check_positive_int("num_landmarks", num_landmarks)
+        self.base_channels = check_positive_int("base_channels", base_channels)
+        self.depths = check_int_sequence("depths", depths, 4, minimum=0)
+        self.heads = check_int_sequence("heads", heads, 4, minimum=1)
+        self.token_strides = check_int_sequence("token_strides", token_strides, 4, minimum=1)
         self.transformer = check_choice("transformer", transformer, TRANSFORMER_KINDS)
         self.sample = sample
 

@@ -313,7 +313,7 @@ inline const acc_t* load_block(const scalar_t* src, int64_t offset, int64_t n, a
 }
 
 // Runs `block_fn(offset, n, x, t)` over every kBlock-sized piece of every line, in
-// parallel over lines; `line_fn(line, sum_of_block_results)` receives per-line totals.
+// parallel over lines; returns each line's sum of block_fn results (the partial sums).
 template <typename scalar_t, typename acc_t, typename BlockFn>
 std::vector<double> for_each_line(const at::Tensor& x, const TargetSpec& spec, BlockFn&& block_fn) {
   const int64_t numel = x.numel();
