@@ -43,6 +43,7 @@ def _generate_aot_sources(build_temp):
         return None
     out_dir = os.path.abspath(os.path.join(build_temp, "coorkern_aot"))
     env = dict(os.environ, TRITON_INTERPRET="0", COORKERN_DISABLE_CPP="1")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its notice
     proc = subprocess.run([sys.executable, "-m", "coorkern._aot_codegen", out_dir], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -52,7 +53,7 @@ def _generate_aot_sources(build_temp):
     print(proc.stdout.strip(), file=sys.stderr)
     lines = dict(line.split("=", 1) for line in proc.stdout.strip().splitlines() if "=" in line)
     sources = sorted(glob.glob(os.path.join("csrc", "aot", "*.cpp"))) + lines["sources"].split(os.pathsep)
-    return sources, lines["cuda_include"]
+    return sources, [os.path.abspath("csrc"), lines["cuda_include"]]
 
 
 def extension_modules():
@@ -84,18 +85,17 @@ def extension_modules():
         def _build_ops_library(self, ext):
             aot = _generate_aot_sources(self.build_temp)
             if aot is not None:
-                cpu_sources = list(ext.sources)
-                ext.sources = cpu_sources + aot[0]
-                ext.include_dirs.append(aot[1])
-                ext.define_macros.append(("COORKERN_WITH_AOT_CUDA", "1"))
+                cpu = (list(ext.sources), list(ext.include_dirs), list(ext.define_macros), list(ext.libraries))
+                ext.sources = cpu[0] + aot[0]
+                ext.include_dirs = cpu[1] + aot[1]
+                ext.define_macros = cpu[2] + [("COORKERN_WITH_AOT_CUDA", "1")]
+                ext.libraries = cpu[3] + ["dl"]  # dlopen("libcuda.so.1"): no link against libcuda
                 try:
                     return super().build_extension(ext)
                 except Exception as exc:
                     _warn(f"the CUDA (Triton AOT) part failed to compile ({exc}); "
                           "building the C++ library with CPU kernels only.")
-                    ext.sources = cpu_sources
-                    ext.include_dirs.remove(aot[1])
-                    ext.define_macros.remove(("COORKERN_WITH_AOT_CUDA", "1"))
+                    ext.sources, ext.include_dirs, ext.define_macros, ext.libraries = cpu
             return super().build_extension(ext)
 
         def build_extension(self, ext):

@@ -20,8 +20,11 @@ Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C+
 from . import reference
 from ._backend import BACKENDS, BackendUnavailableError, backend
 from ._extension import cmake_prefix_path, cpp_available
-from .ops.central_loss import CentralLoss, central_loss, central_loss_from_landmarks
-from .ops.coor_attention import CoorAttention, coor_attention
+from ._library import python_cuda_kernels_take_over
+
+with python_cuda_kernels_take_over():
+    from .ops.central_loss import CentralLoss, central_loss, central_loss_from_landmarks
+    from .ops.coor_attention import CoorAttention, coor_attention
 
 __version__ = "0.1.0"
 

@@ -2,11 +2,13 @@
 
 The example in ``examples/cpp`` is configured and built with CMake against this package
 (once per test session, ~10 s) and run on CPU without Python; its printed checksums must
-match the Python ops on the same inputs.
+match the Python ops on the same inputs.  The CUDA kernels compiled ahead of time into
+the library are checked for their archs (no GPU here to run them).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -119,8 +121,9 @@ def _run_example(binary: str) -> tuple[str, dict[tuple[str, str], tuple[float, f
     build = lines[0].split(" ", 1)[1]
     printed = {}
     for line in lines[1:]:
-        device, name, total, weighted = line.split()
-        printed[(device, name)] = (float(total), float(weighted))
+        fields = line.split()
+        if len(fields) == 4:  # else a note, e.g. no CUDA kernel for an op
+            printed[(fields[0], fields[1])] = (float(fields[2]), float(fields[3]))
     return build, printed
 
 
@@ -171,3 +174,64 @@ def test_cmake_prefix_path_holds_the_package_config():
     config = os.path.join(coorkern.cmake_prefix_path(), "coorkern", "coorkernConfig.cmake")
     with open(config) as f:
         assert "coorkern::ops" in f.read()
+
+
+def _aot_expected() -> str | None:
+    """Why the library should hold AOT CUDA kernels, or None when the build skips them."""
+    if os.environ.get("COORKERN_NO_AOT_CUDA") == "1":
+        return None
+    try:
+        from coorkern._aot_codegen import cuda_include_dir
+
+        return cuda_include_dir()
+    except Exception:
+        return None
+
+
+def _aot_kernels() -> list[tuple[str, str, int, bytes]]:
+    lib = ctypes.CDLL(_extension.library_path())
+    if not hasattr(lib, "coorkern_aot_kernel"):
+        return []
+    op, variant, arch = ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_int()
+    cubin, size = ctypes.c_void_p(), ctypes.c_size_t()
+    kernels, i = [], 0
+    while lib.coorkern_aot_kernel(ctypes.c_size_t(i), ctypes.byref(op), ctypes.byref(variant), ctypes.byref(arch),
+                                  ctypes.byref(cubin), ctypes.byref(size)):
+        kernels.append((op.value.decode(), variant.value.decode(), arch.value, ctypes.string_at(cubin, size.value)))
+        i += 1
+    return kernels
+
+
+@needs_library
+def test_library_holds_aot_cuda_kernels_for_sm80_and_sm90(tmp_path):
+    if _aot_expected() is None:
+        pytest.skip("triton with its cuda.h is not installed (or COORKERN_NO_AOT_CUDA=1): "
+                    "the build skips the CUDA kernels")
+    from coorkern._aot_codegen import variant_key
+    from coorkern._triton_aot import _cuobjdump
+
+    kernels = _aot_kernels()
+    expected = {variant_key(v) for v in cl_module.AOT_VARIANTS}
+    for arch in (80, 90):
+        assert {variant for op, variant, a, _ in kernels if op == "central_loss" and a == arch} == expected
+    assert f"central_loss@sm_80x{len(expected)}" in _extension.build_info()
+    # One cubin per arch through cuobjdump: real SASS for that arch.
+    for op, variant, arch, cubin in kernels[:2]:
+        path = tmp_path / f"{arch}.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+        assert re.search(rf"code for sm_{arch}a?\b", sass), sass[:500]
+        assert "Function : _central_loss_kernel" in sass
+
+
+@needs_library
+def test_python_cuda_kernels_replace_the_cpp_ones_silently():
+    code = "import coorkern, torch; print(torch._C._dispatch_dump('coorkern::central_loss'))"
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Overriding a previously registered kernel" not in proc.stderr
+    active_cuda = re.search(r"^CUDA: registered at (\S+)", proc.stdout, re.M).group(1)
+    assert "torch/library.py" in active_cuda  # the Python (Triton JIT) kernel
+    if "cuda_aot=" in _extension.build_info():
+        assert re.search(r"^CUDA \(inactive\): registered at \S+central_loss_cuda.cpp", proc.stdout, re.M)

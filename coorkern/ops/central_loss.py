@@ -155,11 +155,46 @@ def integer_power(r: float) -> int:
     return int(r) if r in (0.0, 1.0, 2.0, 3.0, 4.0) else -1
 
 
+_GPU_BLOCK, _GPU_WARPS = 2048, 8
+
+
 def _launch_config() -> tuple[int, int]:
     # The interpreter costs ~1 ms per program instance: use few, large blocks there.
     if _backend.triton_interpreter_enabled():
         return 16384, 4
-    return 2048, 8
+    return _GPU_BLOCK, _GPU_WARPS
+
+
+# Ahead-of-time variants for the C++ library's CUDA kernels (coorkern._aot_codegen;
+# launched by csrc/aot/central_loss_cuda.cpp, which picks R_INT 2 or the general -1 and
+# computes half inputs in float32).  No radius runs as HAS_RADIUS with radius2 = inf.
+AOT_VARIANTS = [
+    dict(mode=mode, from_landmarks=lm, dtype=dtype, r_int=r_int, grad_out_scalar=scalar)
+    for mode, scalar in ((_MODE_LOSS_NONE, True), (_MODE_LOSS_SUM, True), (_MODE_GRAD, True), (_MODE_GRAD, False))
+    for lm in (False, True)
+    for dtype in ("fp32", "fp64")
+    for r_int in (2, -1)
+]
+
+
+def aot_spec(mode: int, from_landmarks: bool, dtype: str, r_int: int, grad_out_scalar: bool = True):
+    """``(kernel, signature, constexprs, config, divisible)`` of ``_central_loss_kernel`` as
+    the C++ launcher runs it (contiguous inputs, 16-byte aligned pointers), for
+    ``coorkern._triton_aot.CompileRequest``; ``dtype`` is the Triton name of the logits'."""
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    ptr = f"*{dtype}"
+    signature = {
+        "x_ptr": ptr, "t_ptr": ptr, "lm_ptr": f"*{acc}", "grad_out_ptr": ptr,
+        "out_ptr": f"*{acc}" if mode == _MODE_LOSS_SUM else ptr, "inner": "i64", "width": "i32", "r": "fp32",
+        "inv_two_sigma2": "fp32", "radius2": "fp32", "grad_scale": "fp32",
+    }
+    constexprs = {
+        "MODE": mode, "FROM_LANDMARKS": from_landmarks, "HAS_RADIUS": from_landmarks,
+        "GRAD_OUT_SCALAR": grad_out_scalar, "R_INT": r_int, "ACC": tl.float64 if acc == "fp64" else tl.float32,
+        "BLOCK": _GPU_BLOCK,
+    }
+    divisible = [name for name, ty in signature.items() if ty.startswith("*")]
+    return _central_loss_kernel, signature, constexprs, {"num_warps": _GPU_WARPS, "num_stages": 3}, divisible
 
 
 def _triton_pass(mode, logits, target, landmarks, sigma, r, reduction, radius, grad_output=None):

@@ -3,6 +3,7 @@
 // "<device> <name> <sum> <weighted sum>" (python_tests/test_cpp_library.py compares
 // these lines with the Python ops on the same inputs).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <coorkern/ops.h>
 
 #include <cstdio>
@@ -25,6 +26,11 @@ void print(const std::string& device, const std::string& name, const at::Tensor&
               x.mul(weights).sum().item<double>());
 }
 
+bool has_kernel(const char* op, const at::Device& device) {
+  const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(op, "");
+  return handle.hasKernelForDispatchKey(device.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
+}
+
 void run(const at::Device& device) {
   const std::string dev = device.is_cuda() ? "cuda" : "cpu";
   // Central loss: logits (B, L, H, W), a target in [0, 1], landmarks (B, L, 2) as pixel (x, y).
@@ -41,6 +47,10 @@ void run(const at::Device& device) {
   print(dev, "central_loss_from_landmarks_backward",
         coorkern::central_loss_from_landmarks_backward(grad_map, logits, landmarks, 2.0, 1.5, "none", 4.0));
 
+  if (!has_kernel("coorkern::coor_attention", device)) {
+    std::printf("%s coor_attention: no kernel for this device in libcoorkern_ops\n", dev.c_str());
+    return;
+  }
   // Coordinate attention, sample="qk": q, k maps (B, heads, H, W, d), v tokens (B, heads, N, d),
   // coords (B, N, 2) in [-1, 1].
   const auto q = pattern({1, 2, 5, 6, 8}, 0.29, 0.1, device);
