@@ -235,3 +235,38 @@ def test_python_cuda_kernels_replace_the_cpp_ones_silently():
     assert "torch/library.py" in active_cuda  # the Python (Triton JIT) kernel
     if "cuda_aot=" in _extension.build_info():
         assert re.search(r"^CUDA \(inactive\): registered at \S+central_loss_cuda.cpp", proc.stdout, re.M)
+
+
+_HOST_CHECK = """
+import itertools, sys, torch
+torch.ops.load_library(sys.argv[1])  # without coorkern's Python registrations: the C++ CUDA kernels
+ops = torch.ops.coorkern
+cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+calls = 0
+for dtype, r, red in itertools.product((torch.float32, torch.float64, torch.float16), (2.0, 1.5), ("mean", "sum", "none")):
+    x = torch.randn(2, 3, 5, 7, dtype=dtype)
+    t = torch.rand(2, 3, 5, 7, dtype=dtype)
+    lm = torch.rand(2, 3, 2, dtype=dtype) * 5
+    g = torch.ones((), dtype=dtype) if red != "none" else torch.randn_like(x)
+    for op, args in ((ops.central_loss, (x, t, r, red)), (ops.central_loss_backward, (g, x, t, r, red)),
+                     (ops.central_loss_from_landmarks, (x, lm, 2.0, r, red, None)),
+                     (ops.central_loss_from_landmarks_backward, (g, x, lm, 2.0, r, red, 3.0))):
+        try:
+            op.default.redispatch(cuda, *args)
+        except RuntimeError as exc:
+            assert "need CUDA tensors, got cpu" in str(exc), (op, dtype, r, red, str(exc))
+            calls += 1
+print(calls)
+"""
+
+
+@needs_library
+def test_cuda_launchers_pass_the_compiled_signatures():
+    """Each C++ CUDA entry point, called with CPU tensors, finds its AOT variant and passes
+    arguments of the compiled types before it stops at the device check (no GPU here)."""
+    if "cuda_aot=" not in _extension.build_info():
+        pytest.skip("the library was built without the AOT CUDA kernels")
+    proc = subprocess.run([sys.executable, "-c", _HOST_CHECK, _extension.library_path()], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split()[-1] == str(3 * 2 * 3 * 4)
