@@ -98,6 +98,12 @@ def extension_modules():
                     ext.sources, ext.include_dirs, ext.define_macros, ext.libraries = cpu
             return super().build_extension(ext)
 
+        def build_extensions(self):
+            try:  # torch checks the compiler (and its ABI) here, before building anything
+                super().build_extensions()
+            except Exception as exc:
+                _warn(f"the C++ libraries were not built ({exc}); CPU ops will use the eager reference.")
+
         def build_extension(self, ext):
             try:
                 if ext.name == OPS_LIB:
