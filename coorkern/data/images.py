@@ -88,7 +88,7 @@ def _read_pillow(path: Path) -> np.ndarray:
                 array = np.asarray(img, dtype=np.float32)
             else:
                 array = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetFormatError(f"{path}: cannot read image ({exc})") from exc
     if array.ndim != 2:
         raise DatasetFormatError(f"{path}: expected a grey or colour image, got array shape {array.shape}")
