@@ -27,8 +27,8 @@ from __future__ import annotations
 import csv
 import re
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -49,14 +49,15 @@ ISBI_SPLITS = {
     "challenge": {"train": _TRAIN, "test1": _TEST1, "test2": _TEST2},
 }
 # ``mean`` is the paper protocol's ground truth (the two doctors averaged); ``challenge`` is
-# Payer's all_challenge.csv (senior, with landmark 16 of Test2 corrected).
+# Payer's all_challenge.csv (the senior doctor's, except landmark 16 on Test2).
 ISBI_ANNOTATORS = ("mean", "senior", "junior", "challenge")
 _DOCTORS = ("senior", "junior", "challenge")
 _CSV_NAME = re.compile(r"^(?:.*[_-])?(senior|junior|challenge)\.csv$", re.IGNORECASE)
 _LOOKED_FOR = ("AnnotationsByMD/400_senior|400_junior/NNN.txt (original layout), *_senior.csv / *_junior.csv "
                "with the header image_path,1_x,1_y,... (cepha400 mirror), all_senior.csv / all_junior.csv / "
                "all_challenge.csv without a header, in mm (Payer et al.)")
-_noted_roots: set = set()
+_noted_roots: set = set()  # roots whose 'senior only' note was printed
+
 
 @dataclass
 class _Source:
@@ -145,7 +146,7 @@ def _choose_annotator(annotator: Optional[str], sources: dict, root: Path) -> st
         return annotator
     if "senior" in sources and "junior" in sources:
         return "mean"
-    if root not in _noted_roots:
+    if "senior" in sources and root not in _noted_roots:
         _noted_roots.add(root)
         print(f"note: isbi2015: only the senior doctor's annotations found under {root}; using annotator='senior' "
               "(the paper's ground truth is the mean of both doctors: add Payer's all_junior.csv for it)",
