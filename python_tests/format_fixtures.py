@@ -1,6 +1,7 @@
 """Writers of tiny fixture files in each public data set's exact layout (shared by the tests)."""
 
 import numpy as np
+import pytest
 from PIL import Image as PIL
 
 
@@ -89,6 +90,7 @@ def write_itk(path, array, spacing=(0.5, 0.25)):
 def write_dicom(path, array, photometric="MONOCHROME2", slope=1.0, intercept=0.0, pixel_spacing=None,
                 imager_pixel_spacing=None, pixels=True):
     """A 16-bit unsigned DICOM radiograph written with pydicom; spacings as DICOM lists them (row, column)."""
+    pytest.importorskip("pydicom")  # in the test extra; only the fixtures need it (SimpleITK reads DICOM)
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 

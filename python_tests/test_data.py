@@ -383,7 +383,6 @@ def test_generic_csv_finds_images_by_name_and_reads_dicom_spacing(tmp_path):
 
 
 def test_dicom_rescale_monochrome_and_spacing(tmp_path):
-    pytest.importorskip("pydicom")
     raw = np.array([[0, 1000, 2000], [30000, 40000, 65535]], dtype=np.uint16)
     write_dicom(tmp_path / "m2.dcm", raw, slope=2.0, intercept=-100.0, pixel_spacing=(0.2, 0.3))
     image, spacing = data.read_image_with_spacing(tmp_path / "m2.dcm")
@@ -432,9 +431,9 @@ def test_bad_image_files_name_the_file(tmp_path):
     write_dicom(tmp_path / "nopixels.dcm", np.zeros((3, 4)), pixels=False)
     (tmp_path / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 50)
     (tmp_path / "garbage").write_bytes(b"neither an image nor DICOM")
-    cases = {"truncated.jpg": "cannot read image", "short.mha": "cannot read image", "volume.mha": "expected a 2-D image",
-             "nopixels.dcm": "cannot read image", "garbage.dcm": "cannot read image",
-             "garbage": "cannot read image", "gone.nrrd": "image file not found"}
+    cases = {"truncated.jpg": "cannot read image", "short.mha": "cannot read image",
+             "volume.mha": "expected a 2-D image", "nopixels.dcm": "cannot read image",
+             "garbage.dcm": "cannot read image", "garbage": "cannot read image", "gone.nrrd": "image file not found"}
     for name, message in cases.items():
         with pytest.raises(data.DatasetFormatError, match=rf"{name}: {message}"):
             data.read_image(tmp_path / name)

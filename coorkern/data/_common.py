@@ -163,4 +163,4 @@ def report_missing_images(name: str, missing_ids: Sequence[str], where_: str, st
     message = f"{name}: {len(missing_ids)} annotated image(s) not found under {where_} ({first})"
     if strict:
         raise DatasetFormatError(message + "; strict=True")
-    warnings.warn(message + "; skipped them (strict=True makes this an error)", stacklevel=3)
+    warnings.warn(message + "; skipped them (strict=True makes this an error)", stacklevel=4)
