@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import tempfile
@@ -21,6 +22,8 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "save_overlay",
+    "render_overlay",
+    "update_checkpoint",
     "build_model",
 ]
 
@@ -81,6 +84,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def description(doc: str) -> str:
@@ -166,6 +185,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
+def update_checkpoint(path, **entries) -> Path:
+    """Add or replace top-level ``entries`` of the checkpoint file ``path`` (atomically)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload.update(entries)
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
 def build_model(model_config: dict):
     from .models import CoorDetector
 
@@ -186,11 +212,12 @@ def model_from_checkpoint(ckpt: dict, device="cpu"):
 # Overlays
 
 
-def save_overlay(path, image: torch.Tensor, truth: Optional[torch.Tensor] = None,
-                 pred: Optional[torch.Tensor] = None, label: Optional[str] = None, scale: int = 1) -> Path:
-    """PNG of a grey image with ground truth (green) and predicted (red) landmarks.
+def render_overlay(image: torch.Tensor, truth: Optional[torch.Tensor] = None, pred: Optional[torch.Tensor] = None,
+                   label: Optional[str] = None, scale: int = 1, radii: Optional[torch.Tensor] = None):
+    """RGB PIL image: a grey image with ground truth (green) and predicted (red) landmarks.
 
-    ``image`` (1, H, W) or (H, W), any range (stretched to 0-255); landmarks (L, 2) pixels.
+    ``image`` (1, H, W) or (H, W), any range (stretched to 0-255); landmarks (L, 2) pixels;
+    ``radii`` (L,) pixels: a red circle of that radius around each prediction (uncertainty).
     """
     from PIL import Image, ImageDraw
 
@@ -219,10 +246,21 @@ def save_overlay(path, image: torch.Tensor, truth: Optional[torch.Tensor] = None
     for (x, y) in pred_pts:
         draw.line([(x - radius, y), (x + radius, y)], fill=(255, 0, 0))
         draw.line([(x, y - radius), (x, y + radius)], fill=(255, 0, 0))
+    if radii is not None and pred is not None:
+        for (x, y), r in zip(pred.detach().double().cpu().tolist(), radii.detach().double().cpu().tolist()):
+            if all(v == v and abs(v) != float("inf") for v in (x, y, r)):
+                x, y, r = x * scale + (scale - 1) / 2, y * scale + (scale - 1) / 2, r * scale
+                draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 80, 80))
     if label:
         draw.text((3, 3), label, fill=(255, 255, 0))
-    buffer = _png_bytes(canvas)
-    return atomic_write_bytes(path, buffer)
+    return canvas
+
+
+def save_overlay(path, image: torch.Tensor, truth: Optional[torch.Tensor] = None,
+                 pred: Optional[torch.Tensor] = None, label: Optional[str] = None, scale: int = 1,
+                 radii: Optional[torch.Tensor] = None) -> Path:
+    """PNG file of :func:`render_overlay`."""
+    return atomic_write_bytes(path, _png_bytes(render_overlay(image, truth, pred, label, scale, radii)))
 
 
 def _png_bytes(image) -> bytes:
