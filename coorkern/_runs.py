@@ -102,6 +102,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+_INVOCATION = {"console_script": False}  # set by coorkern.cli while it runs a subcommand
+
+
+def prog(command: str) -> str:
+    """The command name for ``--help``: ``coorkern <command>`` under the console script, else ``python -m``."""
+    return f"coorkern {command}" if _INVOCATION["console_script"] else f"python -m coorkern.{command}"
+
+
 def description(doc: str) -> str:
     """The first paragraph of a module docstring, without reST markup, for ``--help``."""
     return doc.split("\n\n")[0].replace("``", "")

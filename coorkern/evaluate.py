@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from . import conformal, metrics
 from . import data as data_mod
-from ._runs import (HelpFormatter, description, load_checkpoint, model_from_checkpoint, positive_int, save_overlay,
+from ._runs import (HelpFormatter, prog, description, load_checkpoint, model_from_checkpoint, positive_int, save_overlay,
                     write_json)
 
 __all__ = ["run_inference", "evaluate_predictions", "conformal_coverage", "held_out_report", "write_overlays",
@@ -136,7 +136,7 @@ def write_overlays(folder, dataset, inference: dict, count: int, radii: Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m coorkern.evaluate", description=description(__doc__),
+    p = argparse.ArgumentParser(prog=prog("evaluate"), description=description(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (uses checkpoint_best.pt)")
     p.add_argument("--data", choices=data_mod.DATASETS, help="dataset (default: the one the model was trained on)")

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from . import conformal, metrics
 from . import data as data_mod
 from ._config import add_config_option, parse_with_config, plain_options, write_config
-from ._runs import (HelpFormatter, atomic_write_bytes, build_model, description, load_checkpoint, positive_float,
+from ._runs import (HelpFormatter, prog, atomic_write_bytes, build_model, description, load_checkpoint, positive_float,
                     positive_int, render_overlay, save_checkpoint, set_rng_state, update_checkpoint, write_json)
 from .evaluate import (autocast, device_or_error, evaluate_predictions, format_coverage, held_out_report,
                        run_inference)
@@ -81,7 +81,7 @@ SPLITS = {  # (train, validation for model selection, final test) per dataset
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     kw = {"argument_default": argparse.SUPPRESS} if suppress_defaults else {}
-    p = argparse.ArgumentParser(prog="python -m coorkern.train", description=description(__doc__),
+    p = argparse.ArgumentParser(prog=prog("train"), description=description(__doc__),
                                 formatter_class=HelpFormatter, **kw)
     add_config_option(p)
     g = p
