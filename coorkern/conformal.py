@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SCORES", "calibrate", "prediction_scale", "radii", "empirical_coverage"]
+__all__ = ["SCORES", "calibrate", "prediction_scale", "radii", "empirical_coverage", "min_calibration_size"]
 
 SCORES = ("none", "peak")
 _MIN_PEAK = 1e-3  # a peak probability below this is treated as this (bounded radii)
@@ -34,6 +34,14 @@ def prediction_scale(score: str, confidence: torch.Tensor) -> torch.Tensor:
     if score == "peak":
         return 1.0 / confidence.double().clamp(_MIN_PEAK, 1.0)
     raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+
+
+def min_calibration_size(coverage: float) -> int:
+    """The fewest calibration errors that give a finite radius: ``ceil((n + 1) c) <= n``."""
+    n = max(1, math.ceil(coverage / (1.0 - coverage) - 1e-9))
+    while math.ceil((n + 1) * coverage) > n:
+        n += 1
+    return n
 
 
 def calibrate(errors: torch.Tensor, coverage: float = 0.9, confidence: Optional[torch.Tensor] = None,

@@ -90,9 +90,13 @@ def conformal_coverage(calibration: dict, inference: dict) -> dict:
 
 def format_coverage(coverage: dict) -> str:
     per = coverage["per_landmark"]
-    return (f"conformal radii ({coverage['target']:.0%} target, score {coverage['score']}): empirical coverage "
+    text = (f"conformal radii ({coverage['target']:.0%} target, score {coverage['score']}): empirical coverage "
             f"{coverage['overall']:.1%} (per landmark {min(per):.0%}-{max(per):.0%}), mean radius "
             f"{coverage['mean_radius']:.2f} {coverage['unit']}")
+    if coverage["mean_radius"] == float("inf"):
+        need = conformal.min_calibration_size(coverage["target"])
+        text += f" (infinite radii: {coverage['target']:.0%} coverage needs >= {need} calibration images)"
+    return text
 
 
 def held_out_report(model, dataset, thresholds: Sequence[float], *, device="cpu", batch_size: int = 8,
