@@ -19,6 +19,7 @@ __all__ = [
     "write_json",
     "save_checkpoint",
     "load_checkpoint",
+    "load_best_checkpoint",
     "rng_state",
     "set_rng_state",
     "save_overlay",
@@ -191,6 +192,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise ValueError(f"{path}: not a coorkern checkpoint (missing format tag)")
     ckpt["path"] = str(path)
     return ckpt
+
+
+def load_best_checkpoint(path, map_location="cpu") -> dict:
+    """:func:`load_checkpoint`, taking ``checkpoint_best.pt`` from a run folder (the model to use, with its radii)."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoint_best.pt").is_file():
+        path = path / "checkpoint_best.pt"
+    return load_checkpoint(path, map_location)
 
 
 def update_checkpoint(path, **entries) -> Path:

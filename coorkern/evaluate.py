@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from . import conformal, metrics
 from . import data as data_mod
-from ._runs import (HelpFormatter, prog, description, load_checkpoint, model_from_checkpoint, positive_int, save_overlay,
-                    write_json)
+from ._runs import (HelpFormatter, description, load_best_checkpoint, model_from_checkpoint, positive_int, prog,
+                    save_overlay, write_json)
 
 __all__ = ["run_inference", "evaluate_predictions", "conformal_coverage", "held_out_report", "write_overlays",
            "resolve_device", "build_parser", "main"]
@@ -183,10 +183,8 @@ def device_or_error(parser: argparse.ArgumentParser, name: str) -> torch.device:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.checkpoint and Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "checkpoint_best.pt").is_file():
-        args.checkpoint = str(Path(args.checkpoint) / "checkpoint_best.pt")
     try:
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_best_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     cfg = ckpt["config"]

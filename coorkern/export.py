@@ -98,15 +98,12 @@ def main(argv=None) -> str:
     """``coorkern export``: returns the path of the written ONNX file."""
     from pathlib import Path
 
-    from ._runs import load_checkpoint, model_from_checkpoint
+    from ._runs import load_best_checkpoint, model_from_checkpoint
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir() and (checkpoint / "checkpoint_best.pt").is_file():
-        checkpoint = checkpoint / "checkpoint_best.pt"
     try:
-        ckpt = load_checkpoint(checkpoint)
+        ckpt = load_best_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     if args.batch_size < 1 or args.opset < 16:

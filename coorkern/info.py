@@ -98,7 +98,7 @@ def format_info(info: dict) -> str:
     lines = [f"coorkern {v['coorkern']}, torch {v['torch']}, triton {v['triton'] or 'not installed'}, "
              f"python {v['python']}", "backends:",
              f"  C++ extension : {'usable' if cpp['usable'] else 'unavailable (' + str(cpp['error']) + ')'}",
-             f"  Triton        : " + (f"usable on {tri['runs_on']}" if tri.get("usable") else
+             "  Triton        : " + (f"usable on {tri['runs_on']}" if tri.get("usable") else
                                       "installed, no CUDA device (tests run it with TRITON_INTERPRET=1)"
                                       if tri["installed"] else f"not installed ({tri['error']})")]
     devices = b["cuda"]["devices"]

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from . import conformal, metrics
 from . import data as data_mod
-from ._runs import (HelpFormatter, prog, atomic_write_bytes, description, load_checkpoint, model_from_checkpoint,
-                    positive_float, positive_int, save_overlay, write_json)
+from ._runs import (HelpFormatter, atomic_write_bytes, description, load_best_checkpoint, model_from_checkpoint,
+                    positive_float, positive_int, prog, save_overlay, write_json)
 from .evaluate import autocast, device_or_error
 
 __all__ = ["predict_image", "predict_batch", "read_input", "expand_inputs", "build_parser", "main"]
@@ -252,13 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     """Predict every input; returns the per-image entries.  Exits with code 1 after reporting unreadable inputs."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir() and (checkpoint / "checkpoint_best.pt").is_file():
-        checkpoint = checkpoint / "checkpoint_best.pt"
     if args.spacing is not None and len(args.spacing) not in (1, 2):
         parser.error("--spacing takes one or two positive numbers (mm per pixel in x [and y])")
     try:
-        ckpt = load_checkpoint(checkpoint)
+        ckpt = load_best_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     predictor = _Predictor(ckpt, args, device_or_error(parser, args.device))

@@ -50,8 +50,9 @@ from tqdm import tqdm
 from . import conformal, metrics
 from . import data as data_mod
 from ._config import add_config_option, parse_with_config, plain_options, write_config
-from ._runs import (HelpFormatter, prog, atomic_write_bytes, build_model, description, load_checkpoint, positive_float,
-                    positive_int, render_overlay, save_checkpoint, set_rng_state, update_checkpoint, write_json)
+from ._runs import (HelpFormatter, atomic_write_bytes, build_model, description, load_checkpoint,
+                    positive_float, positive_int, prog, render_overlay, save_checkpoint, set_rng_state,
+                    update_checkpoint, write_json)
 from .evaluate import (autocast, device_or_error, evaluate_predictions, format_coverage, held_out_report,
                        run_inference)
 from ._tensorboard import TensorBoardLogger, require_tensorboard

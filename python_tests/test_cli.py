@@ -81,6 +81,12 @@ def test_experiments_subcommand_dispatches_to_its_module(capsys):
     assert "--study" in capsys.readouterr().out
 
 
+def test_export_command_reports_a_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--checkpoint", str(tmp_path / "nothing.pt")])
+    assert exit_info.value.code == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
 def test_unknown_command_and_no_command(capsys):
     assert cli.main(["trian"]) == 2
     assert "unknown command 'trian' (did you mean 'train'?)" in capsys.readouterr().err
