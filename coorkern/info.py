@@ -61,18 +61,25 @@ def _cuda() -> list:
 
 
 def default_training_profile() -> dict:
-    """The profile ``coorkern train`` uses here without options (``coorkern.profiles`` when present)."""
+    """What ``coorkern train`` uses here without options: the device's defaults for synthetic data and,
+    where :mod:`coorkern.profiles` exists, the profile ``--profile auto`` picks for real data."""
+    from .train import PROFILES as DEVICE_DEFAULTS
+
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {"name": kind, "source": "the device (CUDA if available, else CPU)",
+              "synthetic": dict(DEVICE_DEFAULTS[kind])}
     try:
         from . import profiles
     except ImportError:
-        profiles = None
-    describe = getattr(profiles, "describe_default", None)
-    if callable(describe):
-        return describe()
-    from .train import PROFILES
-
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"name": kind, "source": "device (CUDA if available, else CPU)", **PROFILES[kind]}
+        return result
+    try:
+        name = profiles.resolve_profile("auto", "isbi2015", kind)
+        real = profiles.PROFILES[name].options("isbi2015")
+    except (AttributeError, KeyError, TypeError, ValueError):  # a profiles module of another shape
+        return result
+    result.update(name=name, source=f"coorkern.profiles: --profile auto for real data on a {kind.upper()} machine",
+                  real_data_isbi2015=real)
+    return result
 
 
 def collect() -> dict:
@@ -107,9 +114,9 @@ def format_info(info: dict) -> str:
     lines.append(f"CPU: {cpu['machine']}, {cpu['cores']} cores ({cpu['torch_threads']} torch threads), torch kernels "
                  f"{cpu['torch_capability']}; vector features: {' '.join(cpu['vector_flags']) or 'unknown'}")
     profile = dict(info["default_training_profile"])
-    name, source = profile.pop("name", "?"), profile.pop("source", "")
-    details = ", ".join(f"{k}={v}" for k, v in profile.items())
-    lines.append(f"default training profile: {name} ({source}): {details}")
+    lines.append(f"default training profile: {profile.pop('name')} ({profile.pop('source')})")
+    for what, options in profile.items():
+        lines.append(f"  {what}: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     return "\n".join(lines)
 
 

@@ -3,9 +3,9 @@
 INPUTs are image files, folders (their image files) or glob patterns, of any size: each
 image is resized to the model's input and the landmarks mapped back to its own pixels.
 Per image and landmark: ``x, y`` in input pixels, in mm when the pixel spacing is known
-(``--spacing``, else the file's own spacing, else 0.1 mm for a model trained on the ISBI
-2015 images, else for a hand model 50 mm between the predicted wrist landmarks, the data
-set's convention), the heatmap peak probability as confidence, and the radius within
+(``--spacing``; for a hand model 50 mm between the predicted wrist landmarks, the data
+set's convention; else the file header's spacing, e.g. DICOM PixelSpacing; else 0.1 mm
+for a model trained on the ISBI 2015 images), the heatmap peak probability as confidence, and the radius within
 which the true landmark lies with the checkpoint's coverage (split-conformal, calibrated
 on the training run's validation split).  Writes ``<out>/predictions.json`` or ``.csv``
 (``--format``, also printed) and an overlay PNG per image with the radius circles.
@@ -37,8 +37,9 @@ from .evaluate import autocast, device_or_error
 __all__ = ["predict_image", "predict_batch", "read_input", "expand_inputs", "build_parser", "main"]
 
 KNOWN_SPACING = {"isbi2015": 0.1}  # mm per original pixel, when the model was trained on that data set
-IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".mha", ".mhd", ".nii",
-                  ".nii.gz", ".nrrd")
+# The file names a folder or pattern contributes: the data loaders' image formats.
+IMAGE_SUFFIXES = getattr(data_mod, "IMAGE_EXTENSIONS", (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm",
+                                                        ".dicom", ".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz"))
 CSV_FIELDS = ("image", "landmark", "x", "y", "x_mm", "y_mm", "confidence", "radius_px", "radius_mm", "coverage")
 
 
@@ -161,14 +162,15 @@ class _Predictor:
         self.given = None if args.spacing is None else (list(args.spacing) * 2)[:2]
 
     def _spacing(self, file_spacing, coords):
-        if self.given is not None:
-            return self.given, "given"
-        if file_spacing is not None:
-            return [float(file_spacing[0]), float(file_spacing[1])], "image file"
-        if self.cfg["data"] in KNOWN_SPACING:
-            return [KNOWN_SPACING[self.cfg["data"]]] * 2, f"{self.cfg['data']} data set convention"
-        hand = _hand_spacing(self.cfg, coords)
-        return (hand, "wrist width (hand data set) of the predicted landmarks") if hand else (None, None)
+        """First known wins: --spacing, a data set's measured convention (hand), the file's header, ISBI's 0.1 mm."""
+        candidates = (
+            (self.given, "given"),
+            (_hand_spacing(self.cfg, coords), "wrist width (hand data set) of the predicted landmarks"),
+            (None if file_spacing is None else [float(v) for v in file_spacing], "image header"),
+            ([KNOWN_SPACING[self.cfg["data"]]] * 2 if self.cfg["data"] in KNOWN_SPACING else None,
+             f"the {self.cfg['data']} data set's convention"),
+        )
+        return next(((s, why) for s, why in candidates if s is not None), (None, None))
 
     def entries(self, names, images, spacings) -> list:
         coords, conf = predict_batch(self.model, images, self.image_size, self.device, self.args.amp)

@@ -40,7 +40,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ from .evaluate import (autocast, device_or_error, evaluate_predictions, format_c
 from ._tensorboard import TensorBoardLogger, require_tensorboard
 from .losses import LOSSES, heatmap_loss
 
-__all__ = ["build_parser", "main", "parse_args", "setup_run", "train_one_epoch", "validate", "save_checkpoints",
+__all__ = ["build_parser", "main", "Options", "parse_args", "setup_run", "train_one_epoch", "validate", "save_checkpoints",
            "final_report", "calibrate_radii", "Run", "compute_loss", "LOSSES"]
 
 compute_loss = heatmap_loss  # the name this module exported before the losses moved to coorkern.losses
@@ -355,7 +355,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Argume
         parser.error("--workers must be >= 0")
     if args.data != "synthetic" and not args.root:
         parser.error(f"--data {args.data} needs --root (the folder with the data set's files)")
-    return args, parser, resume_ckpt
+    return Options(args, parser, resume_ckpt, explicit)
 
 
 def _select_device(args, parser, dist: _Dist) -> torch.device:
@@ -374,9 +374,9 @@ def _select_device(args, parser, dist: _Dist) -> torch.device:
     return device
 
 
-def setup_run(args: argparse.Namespace, parser: argparse.ArgumentParser,
-              resume_ckpt: Optional[dict] = None) -> Run:
-    """Device, data, model, optimizer and schedule (restored from ``resume_ckpt``), run folder and its config."""
+def setup_run(options: Options) -> Run:
+    """Device, data, model, optimizer and schedule (restored with ``--resume``), run folder and its config."""
+    args, parser, resume_ckpt = options.args, options.parser, options.resume_checkpoint
     dist = _Dist()
     device = _select_device(args, parser, dist)
     _resolve(args, device)
@@ -628,7 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _main(argv: list) -> dict:
-    run = setup_run(*parse_args(argv))
+    run = setup_run(parse_args(argv))
     args, dist = run.args, run.dist
     t_start = time.time()
     stop_at = args.epochs if args.stop_after is None else min(args.epochs, run.start_epoch + args.stop_after)

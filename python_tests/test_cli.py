@@ -104,7 +104,7 @@ def test_info_reports_versions_backends_cpu_and_profile(capsys):
     assert info["backends"]["cuda"]["usable"] == torch.cuda.is_available()
     assert info["cpu"]["torch_capability"] == torch.backends.cpu.get_cpu_capability()
     profile = info["default_training_profile"]
-    assert profile["name"] and profile["epochs"] >= 1
+    assert profile["name"] and profile["synthetic"]["epochs"] >= 1
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert "C++ extension" in text and "Triton" in text and "default training profile" in text
@@ -122,12 +122,16 @@ def _write(path: Path, text: str) -> Path:
 def test_config_file_options_with_command_line_overrides(tmp_path):
     config = _write(tmp_path / "run.yaml", "epochs: 3\nlr: 1e-3\nimage-size: [64, 80]\nloss: focal\n"
                                            "augment: true\ndata_option: {annotator: senior, landmark_indices: [0, 4]}\n")
-    args, _, _ = train.parse_args(["--config", str(config), "--epochs", "2", "--no-augment"])
+    options = train.parse_args(["--config", str(config), "--epochs", "2", "--no-augment"])
+    args = options.args
+    # Options from the file count as given (profiles fill only the rest); defaults do not.
+    assert {"epochs", "lr", "image_size", "loss", "augment", "data_option"} <= set(options.explicit)
+    assert "sigma" not in options.explicit and options.explicit["epochs"] == 2
     assert args.epochs == 2 and args.augment is False  # the command line wins
     assert args.lr == 1e-3 and args.image_size == [64, 80] and args.loss == "focal"
     assert dict(args.data_option) == {"annotator": "senior", "landmark_indices": [0, 4]}
     as_json = _write(tmp_path / "run.json", json.dumps({"sigma": 3, "depths": [1, 2, 1, 1], "deterministic": True}))
-    args, _, _ = train.parse_args(["--config", str(as_json)])
+    args = train.parse_args(["--config", str(as_json)]).args
     assert args.sigma == 3.0 and args.depths == [1, 2, 1, 1] and args.deterministic is True
 
 
@@ -172,7 +176,7 @@ def test_run_folder_config_reproduces_the_run_bitwise(tmp_path, capsys):
     assert first["history"][0]["train_loss"] == cli_result["history"][0]["train_loss"]
     # The saved options are exactly this run's: changing one in the file changes the run.
     changed = _write(tmp_path / "changed.yaml", text.replace("seed: 0", "seed: 1"))
-    args, _, _ = train.parse_args(["--config", str(changed)])
+    args = train.parse_args(["--config", str(changed)]).args
     assert args.seed == 1 and args.epochs == 1 and args.base_channels == 4
 
 
