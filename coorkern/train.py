@@ -326,10 +326,20 @@ class Run:
         return max(self.args.batch_size, 8)
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser, Optional[dict]]:
+class Options(NamedTuple):
+    """The parsed command: ``args``, its ``parser`` (for errors), the ``--resume`` checkpoint and the
+    ``explicit`` options (given on the command line or in ``--config``, not defaults)."""
+
+    args: argparse.Namespace
+    parser: argparse.ArgumentParser
+    resume_checkpoint: Optional[dict]
+    explicit: dict
+
+
+def parse_args(argv: Sequence[str]) -> Options:
     """Options from the command line over ``--config`` over (with ``--resume``) the checkpoint's.
 
-    Returns ``(args, parser, resume_checkpoint)``; bad options exit through ``parser.error``.
+    Bad options exit through ``parser.error``.
     """
     argv = list(argv)
     parser = build_parser()
