@@ -264,7 +264,8 @@ def _set_deterministic(on: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(on)
+    if on != torch.are_deterministic_algorithms_enabled():  # the call imports torch._inductor (~3 s on this CPU)
+        torch.use_deterministic_algorithms(on)
 
 
 def _history_csv(history: list) -> bytes:
@@ -634,7 +635,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return _main(list(sys.argv[1:] if argv is None else argv))
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call imports torch._inductor (~3 s)
+            torch.use_deterministic_algorithms(deterministic)
 
 
 def _main(argv: list) -> dict:
