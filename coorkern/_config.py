@@ -133,7 +133,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str],
     Returns ``(args, from_file)``: ``from_file`` holds the converted options of the file
     (empty without ``--config``).  A bad file is reported through ``parser.error``.
     """
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(prog=parser.prog, add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(list(argv))
     from_file: dict = {}

@@ -1,4 +1,4 @@
-"""Run-folder helpers shared by train/evaluate/predict: atomic files, checkpoints, overlays."""
+"""Helpers shared by the commands: atomic files, checkpoints, overlays, argparse types and help."""
 
 from __future__ import annotations
 

@@ -275,14 +275,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
             if names:
                 results.extend(predictor.entries(names, images, spacings))
                 bar.update(len(names))
-    out = Path(args.out)
-    if args.format == "csv":
-        text = to_csv(results)
-        atomic_write_bytes(out / "predictions.csv", text.encode())
-    else:
-        text = json.dumps(results, indent=2) + "\n"
-        write_json(out / "predictions.json", results)
-    sys.stdout.write(text)
+    if results:
+        out = Path(args.out)
+        if args.format == "csv":
+            text = to_csv(results)
+            atomic_write_bytes(out / "predictions.csv", text.encode())
+        else:
+            text = json.dumps(results, indent=2) + "\n"
+            write_json(out / "predictions.json", results)
+        sys.stdout.write(text)
     if failures:
         print(f"error: {len(failures)} input(s) could not be read ({', '.join(n for n, _ in failures)}); "
               f"{len(results)} image(s) predicted", file=sys.stderr)

@@ -152,8 +152,9 @@ def test_evaluate_and_predict_commands(tiny_run, tmp_path):
                                      "radius_mm": entry["radius_mm"][3], "coverage": 0.9}
     assert (tmp_path / "pred" / "xray_landmarks.png").is_file()
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text())[0]["image"] == str(image)
-    with pytest.raises(SystemExit):
-        predict.main(["--checkpoint", str(run), str(tmp_path / "missing.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--checkpoint", str(run), str(tmp_path / "missing.png"), "--out", str(tmp_path / "none")])
+    assert exit_info.value.code == 1 and not (tmp_path / "none").exists()  # nothing predicted, nothing written
 
 
 def test_module_help_runs_as_a_command():
