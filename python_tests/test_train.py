@@ -105,6 +105,30 @@ def test_losses_are_finite_and_differentiable(loss):
     assert logits.grad.abs().sum() > 0
 
 
+def test_baseline_losses_match_their_formulas():
+    import math
+
+    from coorkern import heatmap_loss, losses
+    from coorkern.reference import gaussian_heatmaps
+
+    logits = torch.randn(2, 3, 12, 10, dtype=torch.float64)
+    landmarks = torch.rand(2, 3, 2) * 9
+    target = gaussian_heatmaps(landmarks, 12, 10, 1.5).double()
+    p = torch.sigmoid(logits)
+    ratio = 12 * 10 / (2 * math.pi * 1.5**2)
+    wbce = -(ratio * target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    assert torch.allclose(losses.weighted_bce_loss(logits, landmarks, 1.5), wbce)
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    assert torch.allclose(losses.bce_loss(logits, landmarks, 1.5), bce)
+    assert torch.allclose(losses.focal_loss(logits, landmarks, 1.5, gamma=0.0), bce)  # gamma 0 is BCE
+    p_t = p * target + (1 - p) * (1 - target)
+    focal = (-(target * torch.log(p) + (1 - target) * torch.log(1 - p)) * (1 - p_t) ** 2).mean()
+    assert torch.allclose(losses.focal_loss(logits, landmarks, 1.5), focal)
+    assert train.compute_loss is heatmap_loss
+    with pytest.raises(ValueError, match="kind"):
+        heatmap_loss("mse", logits.float(), landmarks, 1.5)
+
+
 def test_cli_help_and_argument_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--help"])
