@@ -35,6 +35,13 @@ def test_console_script_is_declared_and_its_entry_point_runs(capsys):
     assert project["optional-dependencies"]["tensorboard"] == ["tensorboard"]
 
 
+def test_python_dash_m_coorkern_runs_the_command_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "coorkern", "predict", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: coorkern predict")
+
+
 def test_installed_console_script_runs():
     try:
         scripts = importlib.metadata.entry_points(group="console_scripts")
