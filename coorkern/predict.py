@@ -1,11 +1,12 @@
 """Detect landmarks: ``coorkern predict --checkpoint RUN_OR_FILE INPUT [INPUT ...]`` (or ``python -m coorkern.predict``).
 
-INPUTs are image files, folders (their image files) or glob patterns, of any size: each
-image is resized to the model's input and the landmarks mapped back to its own pixels.
-Per image and landmark: ``x, y`` in input pixels, in mm when the pixel spacing is known
-(``--spacing``; for a hand model 50 mm between the predicted wrist landmarks, the data
-set's convention; else the file header's spacing, e.g. DICOM PixelSpacing; else 0.1 mm
-for a model trained on the ISBI 2015 images), the heatmap peak probability as confidence, and the radius within
+INPUTs are image files (BMP/PNG/JPEG/TIFF, DICOM, MetaImage, NRRD, NIfTI), folders (their
+files with those extensions) or glob patterns, of any size: each image is resized to the
+model's input and the landmarks mapped back to its own pixels.  Per image and landmark:
+``x, y`` in input pixels, in mm when the pixel spacing is known (``--spacing``; for a hand
+model 50 mm between the predicted wrist landmarks, the data set's convention; else the
+file header's spacing, e.g. DICOM PixelSpacing; else 0.1 mm for a model trained on the
+ISBI 2015 images), the heatmap peak probability as confidence, and the radius within
 which the true landmark lies with the checkpoint's coverage (split-conformal, calibrated
 on the training run's validation split).  Writes ``<out>/predictions.json`` or ``.csv``
 (``--format``, also printed) and an overlay PNG per image with the radius circles.
@@ -34,21 +35,11 @@ from ._runs import (HelpFormatter, atomic_write_bytes, description, load_best_ch
                     positive_float, positive_int, prog, save_overlay, write_json)
 from .evaluate import autocast, device_or_error
 
-__all__ = ["predict_image", "predict_batch", "read_input", "expand_inputs", "build_parser", "main"]
+__all__ = ["predict_image", "predict_batch", "expand_inputs", "build_parser", "main"]
 
 KNOWN_SPACING = {"isbi2015": 0.1}  # mm per original pixel, when the model was trained on that data set
-# The file names a folder or pattern contributes: the data loaders' image formats.
-IMAGE_SUFFIXES = getattr(data_mod, "IMAGE_EXTENSIONS", (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm",
-                                                        ".dicom", ".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz"))
+IMAGE_SUFFIXES = data_mod.IMAGE_EXTENSIONS  # the files a folder or pattern contributes
 CSV_FIELDS = ("image", "landmark", "x", "y", "x_mm", "y_mm", "confidence", "radius_px", "radius_mm", "coverage")
-
-
-def read_input(path) -> tuple[torch.Tensor, Optional[tuple[float, float]]]:
-    """``(image (1, H, W) float32, spacing (sx, sy) mm per pixel or None)`` of an image file."""
-    reader = getattr(data_mod, "read_image_with_spacing", None)
-    if reader is not None:
-        return reader(path)
-    return data_mod.read_image(path), None
 
 
 def _is_image_file(path: Path) -> bool:
@@ -92,7 +83,7 @@ def predict_batch(model, images: Sequence[torch.Tensor], image_size, device="cpu
     h, w = image_size
     batch = torch.cat([F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False,
                                      antialias=True) for image in images])
-    batch = data_mod._normalize(batch).to(device)
+    batch = data_mod.normalize(batch).to(device)
     with torch.no_grad(), autocast(device, amp):
         logits = model(batch)
     coords, conf = metrics.decode_heatmaps(logits.float())
@@ -129,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("predict"), description=description(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", metavar="INPUT",
-                   help="image files (PNG/BMP/JPEG/TIFF, and what the data loaders read), folders or glob patterns")
+                   help="image files (BMP/PNG/JPEG/TIFF, DICOM, MHA/MHD, NRRD, NIfTI), folders or glob patterns")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (uses checkpoint_best.pt)")
     p.add_argument("--spacing", type=positive_float, nargs="+", metavar="MM",
                    help="pixel spacing of the input images in mm (one value, or x y); overrides the files' own")
@@ -238,7 +229,7 @@ def _read_all(names: Sequence[Path], failures: list, bar) -> tuple[list, list, l
     ok_names, images, spacings = [], [], []
     for name in names:
         try:
-            image, spacing = read_input(name)
+            image, spacing = data_mod.read_image_with_spacing(name)
         except (data_mod.DatasetFormatError, OSError, RuntimeError, ValueError) as exc:
             failures.append((str(name), str(exc)))
             tqdm.write(f"skipped {name}: {exc}", file=sys.stderr)
