@@ -296,6 +296,27 @@ def test_predicted_coordinates_match_known_positions_in_any_image_size(tiny_run,
         assert entry["spacing_source"] == "given" and 0.9 < record["confidence"] <= 1.0
 
 
+def test_predict_takes_millimetres_from_the_image_header(tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("SimpleITK")
+    from format_fixtures import write_itk
+
+    from coorkern import predict
+
+    monkeypatch.setattr(predict, "model_from_checkpoint", lambda ckpt, device: BlobFinder(19))
+    ys, xs = torch.meshgrid(torch.arange(90.0), torch.arange(120.0), indexing="ij")
+    blob = torch.exp(-((xs - 70.3) ** 2 + (ys - 30.6) ** 2) / (2 * 6.0**2))
+    write_itk(tmp_path / "scan.mha", (blob * 1000).round().short().numpy(), spacing=(0.3, 0.2))
+    (entry,) = predict.main(["--checkpoint", str(tiny_run["run_dir"]), str(tmp_path / "scan.mha"), "--out",
+                             str(tmp_path / "out"), "--no-progress"])
+    assert entry["spacing_source"] == "image header" and entry["spacing_mm"] == [0.3, 0.2]
+    record = entry["landmarks"][0]
+    assert record["x"] == pytest.approx(70.3, abs=0.25) and record["y"] == pytest.approx(30.6, abs=0.25)
+    assert (record["x_mm"], record["y_mm"]) == pytest.approx((record["x"] * 0.3, record["y"] * 0.2), abs=1e-3)
+    # The radius in mm: model pixels -> this image's pixels (120/64 wide, 90/64 high) -> mm, the larger axis.
+    assert record["radius_mm"] == pytest.approx(record["radius_px"] / (120 / 64) * max(120 / 64 * 0.3, 90 / 64 * 0.2),
+                                                rel=1e-3)
+
+
 def test_predict_skips_unreadable_files_and_exits_non_zero(tiny_run, tmp_path, capsys):
     from PIL import Image
 
