@@ -20,6 +20,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_best_checkpoint",
+    "best_checkpoint_or_error",
     "rng_state",
     "set_rng_state",
     "save_overlay",
@@ -200,6 +201,14 @@ def load_best_checkpoint(path, map_location="cpu") -> dict:
     if path.is_dir() and (path / "checkpoint_best.pt").is_file():
         path = path / "checkpoint_best.pt"
     return load_checkpoint(path, map_location)
+
+
+def best_checkpoint_or_error(parser: argparse.ArgumentParser, path) -> dict:
+    """:func:`load_best_checkpoint`, its errors reported through ``parser.error`` (exit code 2)."""
+    try:
+        return load_best_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
 
 
 def update_checkpoint(path, **entries) -> Path:

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from . import conformal, metrics
 from . import data as data_mod
-from ._runs import (HelpFormatter, description, load_best_checkpoint, model_from_checkpoint, positive_int, prog,
-                    save_overlay, write_json)
+from ._runs import (HelpFormatter, best_checkpoint_or_error, description, model_from_checkpoint, positive_int,
+                    prog, save_overlay, write_json)
 
 __all__ = ["run_inference", "evaluate_predictions", "conformal_coverage", "held_out_report", "write_overlays",
            "resolve_device", "build_parser", "main"]
@@ -183,10 +183,7 @@ def device_or_error(parser: argparse.ArgumentParser, name: str) -> torch.device:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        ckpt = load_best_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
+    ckpt = best_checkpoint_or_error(parser, args.checkpoint)
     cfg = ckpt["config"]
     name = args.data or cfg["data"]
     same_data = name == cfg["data"]

@@ -98,14 +98,11 @@ def main(argv=None) -> str:
     """``coorkern export``: returns the path of the written ONNX file."""
     from pathlib import Path
 
-    from ._runs import load_best_checkpoint, model_from_checkpoint
+    from ._runs import best_checkpoint_or_error, model_from_checkpoint
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        ckpt = load_best_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
+    ckpt = best_checkpoint_or_error(parser, args.checkpoint)
     if args.batch_size < 1 or args.opset < 16:
         parser.error("--batch-size must be >= 1 and --opset >= 16")
     image_size = args.image_size or ckpt["config"]["image_size"]

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from . import conformal, metrics
 from . import data as data_mod
-from ._runs import (HelpFormatter, atomic_write_bytes, description, load_best_checkpoint, model_from_checkpoint,
-                    positive_float, positive_int, prog, save_overlay, write_json)
+from ._runs import (HelpFormatter, atomic_write_bytes, best_checkpoint_or_error, description,
+                    model_from_checkpoint, positive_float, positive_int, prog, save_overlay, write_json)
 from .evaluate import autocast, device_or_error
 
 __all__ = ["predict_image", "predict_batch", "expand_inputs", "build_parser", "main"]
@@ -247,10 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     args = parser.parse_args(argv)
     if args.spacing is not None and len(args.spacing) not in (1, 2):
         parser.error("--spacing takes one or two positive numbers (mm per pixel in x [and y])")
-    try:
-        ckpt = load_best_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
+    ckpt = best_checkpoint_or_error(parser, args.checkpoint)
     predictor = _Predictor(ckpt, args, device_or_error(parser, args.device))
     if predictor.calibration is None:
         print(f"note: {ckpt['path']} holds no calibrated uncertainty radii (a checkpoint_best.pt of a finished "
