@@ -4,6 +4,8 @@ Public API:
 
 * :func:`central_loss`, :func:`central_loss_from_landmarks`, :class:`CentralLoss`
   -- the position- and sample-aware central loss, fused forward/backward;
+* :func:`heatmap_loss` -- the central loss or a baseline of the paper's Table II
+  (BCE, weighted BCE, focal) by name, from :mod:`coorkern.losses`;
 * :func:`coor_attention`, :class:`CoorAttention` -- coordinate-indexed attention
   (bilinear sampling at learned coordinates fused with flash attention);
 * :func:`backend` -- force the implementation (``triton``/``cpp``/``reference``);
@@ -11,8 +13,9 @@ Public API:
 * :func:`cmake_prefix_path` -- for ``find_package(coorkern)`` in C++ projects.
 
 Submodules: :mod:`coorkern.models` (the detector), :mod:`coorkern.export` (ONNX),
-:mod:`coorkern.data`, :mod:`coorkern.metrics`, and the commands ``coorkern.train``,
-``coorkern.evaluate``, ``coorkern.predict``.
+:mod:`coorkern.data`, :mod:`coorkern.metrics`, :mod:`coorkern.conformal` (uncertainty
+radii), :mod:`coorkern.plots`, and the commands of the ``coorkern`` console script
+(:mod:`coorkern.cli`): ``train``, ``evaluate``, ``predict``, ``export``, ``info``.
 
 Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C++.
 """
@@ -25,6 +28,7 @@ from ._library import python_cuda_kernels_take_over
 with python_cuda_kernels_take_over():
     from .ops.central_loss import CentralLoss, central_loss, central_loss_from_landmarks
     from .ops.coor_attention import CoorAttention, coor_attention
+from .losses import heatmap_loss
 
 __version__ = "0.1.0"
 
@@ -39,5 +43,6 @@ __all__ = [
     "cmake_prefix_path",
     "coor_attention",
     "cpp_available",
+    "heatmap_loss",
     "reference",
 ]
