@@ -1,6 +1,6 @@
 // Hand-written CPU kernel of coordinate attention (see csrc/coor_attention_kernel.h):
 // compiles the kernel bodies of csrc/coor_attention_tiles.h once per instruction set
-// (AVX-512 with 32 vector registers, AVX2+FMA, the x86-64 / any-CPU baseline) and picks
+// (AVX-512 with 16-lane vectors, AVX2+FMA, the x86-64 / any-CPU baseline) and picks
 // one at run time from the CPU's features; turns tensors into the kernel's pointer views;
 // and scatters the sampled tokens' gradients back to the maps.
 //
@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,27 +37,33 @@ namespace attn {
 
 // The baseline variant: 32-byte vectors split into SSE2 halves, one register row.
 namespace baseline {
+#define COORKERN_VEC_BYTES 32
 #define COORKERN_TILE_ROWS 1
 #include "coor_attention_tiles.h"
 #undef COORKERN_TILE_ROWS
+#undef COORKERN_VEC_BYTES
 }  // namespace baseline
 
 #ifdef COORKERN_X86_VARIANTS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
 namespace avx2 {  // 16 ymm registers: 2 x 4 accumulators
+#define COORKERN_VEC_BYTES 32
 #define COORKERN_TILE_ROWS 2
 #include "coor_attention_tiles.h"
 #undef COORKERN_TILE_ROWS
+#undef COORKERN_VEC_BYTES
 }  // namespace avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
-namespace avx512 {  // 32 ymm registers (AVX-512VL): 4 x 4 accumulators
+namespace avx512 {  // 32 zmm registers: 4 x 4 accumulators
+#define COORKERN_VEC_BYTES 64
 #define COORKERN_TILE_ROWS 4
 #include "coor_attention_tiles.h"
 #undef COORKERN_TILE_ROWS
+#undef COORKERN_VEC_BYTES
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
