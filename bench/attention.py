@@ -16,6 +16,8 @@ sample them (Nq = N in both modes).  Columns:
                     hand-written kernel for d <= 128)
 * coorkern-aten  -- CPU only: the C++ op forced onto ATen's grid sampler + flash attention
                     (COORKERN_CPU_ATTENTION=aten; what the op did before the kernel)
+* coorkern-kernel -- CPU only: the C++ op forced onto the kernel, backward included (the
+                    default rule runs ATen's backward for d > 8)
 
 Median (GPU) or minimum (CPU, a shared machine: ``--stat``) time in ms, peak extra
 memory (MiB) of the step, and forward throughput counted as 4 B heads Nq N d FLOPs
@@ -30,6 +32,7 @@ reasonable time (the first two detector sizes), and the output says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -46,8 +49,8 @@ import coorkern  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_SIZES = ["8x32x832", "4x32x3328", "2x32x13312", "2x64x13312", "1x64x16384"]
-CPU_SIZES = ["8x8x832", "4x8x3328", "4x16x3328", "8x32x832", "4x32x3328", "2x64x3328"]
-CPU_IMPLS = ["grid+sdpa", "coorkern-aten", "coorkern"]
+CPU_SIZES = ["8x8x832", "4x8x3328", "8x16x832", "4x16x3328", "8x32x832", "4x32x3328", "2x64x3328"]
+CPU_IMPLS = ["grid+sdpa", "coorkern-aten", "coorkern-kernel", "coorkern"]
 GPU_IMPLS = ["eager", "grid+sdpa", "torch.compile", "coorkern"]
 BATCH = 2
 
@@ -95,11 +98,17 @@ def fused(q, k, v, coords, sample):
     return coorkern.coor_attention(q, k, v, coords, sample=sample)
 
 
-def fused_aten(q, k, v, coords, sample):
-    """The C++ op on CPU with its ATen fallback forced (the op before the hand-written kernel)."""
-    os.environ["COORKERN_CPU_ATTENTION"] = "aten"
+@contextlib.contextmanager
+def cpu_path(name):
+    """CPU only: "coorkern-aten" / "coorkern-kernel" force the C++ op's ATen fallback (the op
+    before the hand-written kernel) or its kernel, forward and backward, for the block."""
+    path = {"coorkern-aten": "aten", "coorkern-kernel": "kernel"}.get(name)
+    if path is None:
+        yield
+        return
+    os.environ["COORKERN_CPU_ATTENTION"] = path
     try:
-        return fused(q, k, v, coords, sample)
+        yield
     finally:
         os.environ.pop("COORKERN_CPU_ATTENTION", None)
 
@@ -120,6 +129,9 @@ def make_inputs(heads, d, n, dtype, sample, device):
     return q, k, v, coords
 
 
+_clock = time.perf_counter  # --clock process: time.process_time (CPU seconds of this process)
+
+
 def _stat(times, stat):
     return min(times) if stat == "min" else statistics.median(times)
 
@@ -130,10 +142,10 @@ def time_step(step, device, reps, stat):
     times = []
     for _ in range(reps):
         _common.sync(device)
-        start = time.perf_counter()
+        start = _clock()
         step()
         _common.sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(_clock() - start)
     return _stat(times, stat)
 
 
@@ -144,11 +156,11 @@ def time_backward(fwd, inputs, grad, device, reps, stat):
     for i in range(reps + 1):
         out = fwd()
         _common.sync(device)
-        start = time.perf_counter()
+        start = _clock()
         torch.autograd.grad(out, inputs, grad)
         _common.sync(device)
         if i:  # the first one is warm-up
-            times.append(time.perf_counter() - start)
+            times.append(_clock() - start)
         del out
     return _stat(times, stat)
 
@@ -189,7 +201,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--markdown", default=None, help="also write the markdown table to this file")
-    parser.add_argument("--impls", nargs="+", default=None, choices=GPU_IMPLS + ["coorkern-aten"],
+    parser.add_argument("--impls", nargs="+", default=None, choices=GPU_IMPLS + ["coorkern-aten", "coorkern-kernel"],
                         help=f"default: {' '.join(GPU_IMPLS)} on a GPU, {' '.join(CPU_IMPLS)} on a CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--stat", choices=["min", "median"], default=None,
@@ -197,7 +209,13 @@ def main() -> None:
     parser.add_argument("--peak-gflops", type=float, default=232.0,
                         help="one CPU core's fp32 FMA peak (GFLOP/s) for the %%-of-peak column; default: "
                              "2 AVX-512 FMA/cycle measured on the 2-core Xeon VM of bench/RESULTS.md")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: CPU seconds of this process (all its threads), which a shared machine's "
+                             "other jobs do not inflate; compare with 1 thread")
     args = parser.parse_args()
+    global _clock
+    if args.clock == "process":
+        _clock = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -217,7 +235,7 @@ def main() -> None:
     if args.no_compile and "torch.compile" in names:
         names = [n for n in names if n != "torch.compile"]
     factories = {"eager": lambda: eager, "grid+sdpa": lambda: grid_sdpa, "torch.compile": lambda: torch.compile(eager),
-                 "coorkern": lambda: fused, "coorkern-aten": lambda: fused_aten}
+                 "coorkern": lambda: fused, "coorkern-aten": lambda: fused, "coorkern-kernel": lambda: fused}
     impls = {name: factories[name]() for name in names}
 
     header = ["heads x d x N", "dtype", "sample", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
@@ -232,7 +250,10 @@ def main() -> None:
         for dtype_name in dtypes:
             for sample in args.samples:
                 inputs = make_inputs(heads, d, n, DTYPES[dtype_name], sample, device)
-                results = {name: bench_one(fn, inputs, sample, device, reps, stat) for name, fn in impls.items()}
+                results = {}
+                for name, fn in impls.items():
+                    with cpu_path(name):
+                        results[name] = bench_one(fn, inputs, sample, device, reps, stat)
                 flops = 4 * BATCH * heads * n * n * d
                 for name, res in results.items():
                     if res is None:
@@ -257,12 +278,13 @@ def main() -> None:
                     print(" | ".join(row), flush=True)
     table = _common.markdown_table(header, rows)
     print()
-    print(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs; {note}")
+    print(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs, {args.clock} clock; {note}")
     print()
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"Machine: {_common.device_name(device)}; B = {BATCH}; {note}\n\n{table}\n")
+            f.write(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs, {args.clock} clock; "
+                    f"{note}\n\n{table}\n")
 
 
 if __name__ == "__main__":

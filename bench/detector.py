@@ -14,7 +14,7 @@ Cases (the CPU training profile of ``coorkern.train`` and the paper's inference 
 (``kernel``, the default rule) and/or ATen's grid sampler + flash attention (``aten``,
 forced with ``COORKERN_CPU_ATTENTION=aten``: what the op did before the kernel), in the
 same process so that the ratio compares like with like.  Prints the minimum step time
-over ``--reps`` steps (after one warm-up) and the step's peak extra memory (resident-set
+over ``--reps`` steps (after one warm-up; wall clock, or ``--clock process``) and the step's peak extra memory (resident-set
 high-water mark, see ``bench/_common.py``).
 """
 
@@ -66,13 +66,13 @@ def make_step(case: str, transformer: str):
     return train
 
 
-def time_min(step, reps: int) -> float:
+def time_min(step, reps: int, clock=time.perf_counter) -> float:
     step()  # warm-up
     best = float("inf")
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         step()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -85,8 +85,12 @@ def main() -> None:
                         help="CPU attention of the coor detector: the hand-written kernel and/or ATen's composition")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: CPU seconds of this process (all threads), robust to other jobs on a shared "
+                             "machine; compare with 1 thread")
     parser.add_argument("--markdown", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     print(f"device: {_common.device_name(device)}")
@@ -102,7 +106,7 @@ def main() -> None:
                 if impl != "-":
                     os.environ["COORKERN_CPU_ATTENTION"] = impl
                 step = make_step(case, transformer)
-                seconds = time_min(step, args.reps)
+                seconds = time_min(step, args.reps, clock)
                 _, mem = _common.measure(step, device, warmup=0, reps=1)
                 os.environ.pop("COORKERN_CPU_ATTENTION", None)
                 times[(transformer, impl)] = seconds
@@ -116,12 +120,13 @@ def main() -> None:
                 print(" | ".join(row), flush=True)
     table = _common.markdown_table(header, rows)
     print()
-    print(f"Machine: {_common.device_name(device)}; min over {args.reps} steps after one warm-up")
+    print(f"Machine: {_common.device_name(device)}; min over {args.reps} steps after one warm-up, {args.clock} clock")
     print()
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"Machine: {_common.device_name(device)}\n\n{table}\n")
+            f.write(f"Machine: {_common.device_name(device)}; min over {args.reps} steps, {args.clock} clock\n\n"
+                    f"{table}\n")
 
 
 if __name__ == "__main__":

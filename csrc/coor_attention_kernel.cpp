@@ -113,13 +113,13 @@ Isa selected_isa() {
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;  // never above what the CPU has
 }
 
-bool use_kernel(int64_t head_dim) {
+bool use_kernel(int64_t head_dim, bool backward) {
   const std::string forced = env("COORKERN_CPU_ATTENTION");
   if (forced == "aten") return false;
   if (forced == "kernel") return true;
   TORCH_CHECK(forced.empty() || forced == "auto", "COORKERN_CPU_ATTENTION must be auto, kernel or aten, got '",
               forced, "'");
-  return head_dim <= kMaxHeadDim;
+  return head_dim <= (backward ? kMaxBackwardHeadDim : kMaxHeadDim);
 }
 
 namespace {
@@ -240,25 +240,17 @@ void scatter(const MapArg<S>& m, const CoordArg<T>& co, bool align, int64_t batc
           continue;
         }
         T gx = 0, gy = 0;
-        for (int dy = 0; dy < 2; ++dy) {
-          const int64_t y = st.y0 + dy;
-          if (y < 0 || y >= m.height) continue;
-          const T wy = dy ? st.wy1 : 1 - st.wy1;
-          for (int dx = 0; dx < 2; ++dx) {
-            const int64_t x = st.x0 + dx;
-            if (x < 0 || x >= m.width) continue;
-            const T wx = dx ? st.wx1 : 1 - st.wx1;
-            const S* px = base + y * m.sy + x * m.sx;
-            T* dpx = dm + (y * m.width + x) * d;
-            T dot = 0;
-            for (int64_t c = 0; c < d; ++c) {
-              dpx[c] += wx * wy * gi[c];
-              dot += gi[c] * static_cast<T>(px[c * m.sd]);
-            }
-            gx += (dx ? wy : -wy) * dot;
-            gy += (dy ? wx : -wx) * dot;
+        baseline::for_each_corner(st, m.height, m.width, [&](int64_t y, int64_t x, int dy, int dx, T wy, T wx) {
+          const S* px = base + y * m.sy + x * m.sx;
+          T* dpx = dm + (y * m.width + x) * d;
+          T dot = 0;
+          for (int64_t c = 0; c < d; ++c) {
+            dpx[c] += wx * wy * gi[c];
+            dot += gi[c] * static_cast<T>(px[c * m.sd]);
           }
-        }
+          gx += (dx ? wy : -wy) * dot;
+          gy += (dy ? wx : -wx) * dot;
+        });
         dc[0] = gx * gx_scale;
         dc[1] = gy * gy_scale;
       }

@@ -72,11 +72,16 @@ enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 Isa selected_isa();
 const char* isa_name(Isa isa);
 
-// The fallback rule: the kernel covers d <= kMaxHeadDim (every dtype, mode and N); wider
-// heads go to ATen's grid sampler + CPU flash attention.  COORKERN_CPU_ATTENTION=aten|kernel
-// forces either path (tests and before/after benchmarks).
+// The fallback rule, per direction, from measurements on a 2-core AVX-512 Xeon
+// (bench/RESULTS.md): the forward runs the kernel for d <= kMaxHeadDim (it beat ATen's
+// grid sampler + flash forward at every d it covers); the backward runs the kernel for
+// d <= kMaxBackwardHeadDim, where its 7-product, atomic-free backward beat ATen's 5-product
+// flash backward, and ATen's composition above (it accepts the kernel's out and
+// log-sum-exp).  COORKERN_CPU_ATTENTION=aten|kernel forces one path for both directions
+// (tests and before/after benchmarks).
 constexpr int64_t kMaxHeadDim = 128;
-bool use_kernel(int64_t head_dim);
+constexpr int64_t kMaxBackwardHeadDim = 8;
+bool use_kernel(int64_t head_dim, bool backward);
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& coords, bool qk, double scale, bool align_corners);

@@ -171,6 +171,21 @@ CK_INLINE Stencil<T> stencil(const T* xy, int64_t height, int64_t width, bool al
   return s;
 }
 
+// fn(y, x, dy, dx, wy, wx) for the stencil's corners inside the map (zero padding).
+template <typename T, typename Fn>
+CK_INLINE void for_each_corner(const Stencil<T>& st, int64_t height, int64_t width, const Fn& fn) {
+  for (int dy = 0; dy < 2; ++dy) {
+    const int64_t y = st.y0 + dy;
+    if (y < 0 || y >= height) continue;
+    const T wy = dy ? st.wy1 : 1 - st.wy1;
+    for (int dx = 0; dx < 2; ++dx) {
+      const int64_t x = st.x0 + dx;
+      if (x < 0 || x >= width) continue;
+      fn(y, x, dy, dx, wy, dx ? st.wx1 : 1 - st.wx1);
+    }
+  }
+}
+
 template <int D, typename S, typename T>
 CK_INLINE void axpy_row(T* __restrict out, const S* __restrict p, int64_t sd, T w, int64_t d_) {
   const int64_t d = D > 0 ? D : d_;
@@ -189,17 +204,9 @@ CK_INLINE void sample_row(const MapArg<S>& m, const S* base, const Stencil<T>& s
     return;
   }
   std::fill(out, out + d, T(0));
-  for (int dy = 0; dy < 2; ++dy) {
-    const int64_t y = st.y0 + dy;
-    if (y < 0 || y >= m.height) continue;
-    const T wy = dy ? st.wy1 : 1 - st.wy1;
-    for (int dx = 0; dx < 2; ++dx) {
-      const int64_t x = st.x0 + dx;
-      if (x < 0 || x >= m.width) continue;
-      const T w = (dx ? st.wx1 : 1 - st.wx1) * wy * mul;
-      axpy_row<D>(out, base + y * m.sy + x * m.sx, m.sd, w, d);
-    }
-  }
+  for_each_corner(st, m.height, m.width, [&](int64_t y, int64_t x, int dy, int dx, T wy, T wx) {
+    axpy_row<D>(out, base + y * m.sy + x * m.sx, m.sd, wx * wy * mul, d);
+  });
 }
 
 // Rows [r0, r0 + n) of operand `op` of (b, h), times `mul`, into out[r * rs + c * cs].

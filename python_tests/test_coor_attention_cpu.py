@@ -2,8 +2,9 @@
 
 Every check compares with the float64 eager oracle ``coorkern.reference.coor_attention``
 (grid_sample + SDPA's math path), not with ATen's flash kernel that the C++ op falls back
-to.  The kernel runs for d <= 128 (the fallback rule); ``COORKERN_CPU_ATTENTION=aten``
-forces the ATen composition and ``COORKERN_CPU_ISA`` one of the compiled variants.
+to.  The op's rule runs the kernel's forward for d <= 128 and its backward for d <= 8;
+these tests force the kernel in both directions (``COORKERN_CPU_ATTENTION=kernel``) except
+where they test the rule itself; ``COORKERN_CPU_ISA`` picks one of the compiled variants.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def check(q, k, v, coords, tol, **kw):
 
 @pytest.fixture(autouse=True)
 def kernel_path(monkeypatch):
-    monkeypatch.setenv("COORKERN_CPU_ATTENTION", "auto")
+    monkeypatch.setenv("COORKERN_CPU_ATTENTION", "kernel")
     monkeypatch.delenv("COORKERN_CPU_ISA", raising=False)
 
 
@@ -161,32 +162,39 @@ def test_every_isa_variant(monkeypatch, isa):
         check(*inputs, tol, sample="qk")
 
 
-def _ran_aten(q, k, v, coords, **kw):
-    """Whether the C++ op went through ATen's grid sampler (the fallback) for fwd + bwd."""
+def _paths(q, k, v, coords, **kw):
+    """(forward, backward): whether each went through ATen's grid sampler (the fallback)."""
     inputs = [t.detach().requires_grad_(True) for t in (q, k, v, coords)]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as fwd_prof:
         with coorkern.backend("cpp"):
             out = coorkern.coor_attention(*inputs, **kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as bwd_prof:
         out.sum().backward()
-    names = {e.key for e in prof.key_averages()}
-    assert "coorkern::coor_attention" in names and "coorkern::coor_attention_backward" in names
-    return "aten::grid_sampler_2d" in names
+    fwd = {e.key for e in fwd_prof.key_averages()}
+    bwd = {e.key for e in bwd_prof.key_averages()}
+    assert "coorkern::coor_attention" in fwd and "coorkern::coor_attention_backward" in bwd
+    return "aten::grid_sampler_2d" in fwd, "aten::grid_sampler_2d_backward" in bwd
 
 
 def test_fallback_rule(monkeypatch):
-    small = make_inputs("qk", heads=1, n=5, d=128, hw=(3, 3), dtype=torch.float32)
-    wide = make_inputs("qk", heads=1, n=5, d=136, hw=(3, 3), dtype=torch.float32)
-    assert not _ran_aten(*small)
-    assert _ran_aten(*wide)
-    check(*wide, 1e-4, sample="qk")  # the fallback is right too
+    def inputs(d):
+        return make_inputs("qk", heads=1, n=5, d=d, hw=(3, 3), dtype=torch.float32)
+
+    monkeypatch.setenv("COORKERN_CPU_ATTENTION", "auto")
+    assert _paths(*inputs(8)) == (False, False)  # the detector's CPU heads: kernel both ways
+    assert _paths(*inputs(16)) == (False, True)  # forward kernel, backward ATen
+    assert _paths(*inputs(128)) == (False, True)
+    assert _paths(*inputs(136)) == (True, True)  # wider than the kernel covers
+    for d in (16, 136):
+        check(*inputs(d), 1e-4, sample="qk")  # mixed and fallback paths are right too
     monkeypatch.setenv("COORKERN_CPU_ATTENTION", "aten")
-    assert _ran_aten(*small)
+    assert _paths(*inputs(8)) == (True, True)
     monkeypatch.setenv("COORKERN_CPU_ATTENTION", "kernel")
-    assert not _ran_aten(*wide)
-    check(*wide, 1e-4, sample="qk")
+    assert _paths(*inputs(136)) == (False, False)
+    check(*inputs(136), 1e-4, sample="qk")
     monkeypatch.setenv("COORKERN_CPU_ATTENTION", "fast")
     with pytest.raises(RuntimeError, match="COORKERN_CPU_ATTENTION must be auto, kernel or aten"):
-        _ran_aten(*small)
+        _paths(*inputs(8))
 
 
 # ---------------------------------------------------------------------------
