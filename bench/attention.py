@@ -226,8 +226,8 @@ def main() -> None:
     reps = args.reps or (20 if on_gpu else 3)
     stat = args.stat or ("median" if on_gpu else "min")
     note = ("Triton kernels" if on_gpu else
-            "CPU: coorkern = the C++ op (hand-written kernel for d <= 128), coorkern-aten = the same op on its "
-            "ATen fallback; fp32 only by default")
+            "CPU: coorkern = the C++ op (hand-written kernel: forward d <= 128, backward d <= 8), coorkern-aten / "
+            "coorkern-kernel = the same op forced onto ATen / the kernel; fp32 only by default")
     print(f"device: {_common.device_name(device)} ({note})")
     print(_common.threads_note())
 
