@@ -316,6 +316,13 @@ def test_opcheck(cuda_device):
                                   (grad_out, logits.detach(), target, 0.5, reduction))
             torch.library.opcheck(torch.ops.coorkern.central_loss_from_landmarks_backward.default,
                                   (grad_out, logits.detach(), landmarks, 2.0, 2.0, reduction, None))
+            if cl_module.HAS_TRITON_OP:  # the triton_op path the Python API takes on CUDA
+                for data, from_landmarks in ((target, False), (landmarks, True)):
+                    torch.library.opcheck(torch.ops.coorkern.central_loss_triton.default,
+                                          (logits, data, 2.0, 2.5, reduction, 3.0, from_landmarks))
+                    torch.library.opcheck(torch.ops.coorkern.central_loss_triton_backward.default,
+                                          (grad_out, logits.detach(), data, 2.0, 1.0, reduction, None,
+                                           from_landmarks))
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])

@@ -283,8 +283,16 @@ def _cuda_kernel():
     return _tuned_kernel
 
 
+# torch.library.triton_op / wrap_triton (torch >= 2.6): the CUDA kernels become visible to
+# torch.compile/Inductor and torch.export (AOTInductor embeds them).  Older torch keeps the
+# opaque register_kernel path below.
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
 def _launch(kernel, grid, *args, **meta):
     """Every kernel launch of this module goes through here (tests count them)."""
+    if HAS_TRITON_OP and args[0].device.type == "cuda":  # the interpreter's kernels are not wrappable
+        kernel = torch.library.wrap_triton(kernel)
     kernel[grid](*args, **meta)
 
 
@@ -461,6 +469,58 @@ torch.library.register_autograd("coorkern::central_loss", _cl_backward, setup_co
 torch.library.register_autograd("coorkern::central_loss_from_landmarks", _lm_backward, setup_context=_setup_context)
 
 
+def _triton_op_forward(logits: torch.Tensor, data: torch.Tensor, sigma: float, r: float, reduction: str,
+                       radius: Optional[float], from_landmarks: bool) -> torch.Tensor:
+    target, landmarks = (None, data) if from_landmarks else (data, None)
+    return _triton_loss(logits, target, landmarks, sigma, r, reduction, radius)
+
+
+def _triton_op_backward(grad_output: torch.Tensor, logits: torch.Tensor, data: torch.Tensor, sigma: float, r: float,
+                        reduction: str, radius: Optional[float], from_landmarks: bool) -> torch.Tensor:
+    target, landmarks = (None, data) if from_landmarks else (data, None)
+    return _triton_grad(grad_output, logits, target, landmarks, sigma, r, reduction, radius)
+
+
+_TRITON_OP_SCHEMAS = {
+    "central_loss_triton": "(Tensor logits, Tensor data, float sigma, float r, str reduction, float? radius, "
+                           "bool from_landmarks) -> Tensor",
+    "central_loss_triton_backward": "(Tensor grad_output, Tensor logits, Tensor data, float sigma, float r, "
+                                    "str reduction, float? radius, bool from_landmarks) -> Tensor",
+}
+
+if HAS_TRITON_OP:
+    _triton_fwd_op = torch.library.triton_op("coorkern::central_loss_triton", _triton_op_forward, mutates_args=(),
+                                             schema=_TRITON_OP_SCHEMAS["central_loss_triton"])
+    _triton_bwd_op = torch.library.triton_op("coorkern::central_loss_triton_backward", _triton_op_backward,
+                                             mutates_args=(),
+                                             schema=_TRITON_OP_SCHEMAS["central_loss_triton_backward"])
+
+    def _triton_op_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.params = inputs[2:]
+
+    def _triton_op_autograd(ctx, grad_output):
+        logits, data = ctx.saved_tensors
+        grad = _triton_bwd_op(grad_output, logits, data, *ctx.params)
+        return (grad,) + (None,) * 6
+
+    _triton_fwd_op.register_autograd(_triton_op_autograd, setup_context=_triton_op_setup_context)
+
+
+def _triton_apply(logits, target, landmarks, sigma, r, reduction, radius):
+    """The Triton kernels with autograd: through the triton_op where torch has it (CUDA, and
+    CPU tensors under the interpreter, eagerly), else the opaque ops / the CPU wiring."""
+    from_landmarks = landmarks is not None
+    if HAS_TRITON_OP:
+        return _triton_fwd_op(logits, landmarks if from_landmarks else target, sigma, r, reduction, radius,
+                              from_landmarks)
+    if logits.device.type == "cpu":
+        return _TritonOnCPU.apply(logits, target, landmarks, sigma, r, reduction, radius)
+    if from_landmarks:
+        return _lm_op(logits, landmarks, sigma, r, reduction, radius)
+    return _cl_op(logits, target, r, reduction)
+
+
 class _TritonOnCPU(torch.autograd.Function):
     """Autograd for the Triton kernels on CPU tensors (interpreter; tests only).
 
@@ -514,8 +574,8 @@ def central_loss(logits: torch.Tensor, target: torch.Tensor, r: float = 2.0, red
     impl = _backend.resolve(device, "central_loss")
     if impl == "reference":
         return reference.central_loss(logits, target, r, reduction)
-    if impl == "triton" and device.type == "cpu":
-        return _TritonOnCPU.apply(logits, target, None, 1.0, r, reduction, None)
+    if impl == "triton":
+        return _triton_apply(logits, target, None, 1.0, r, reduction, None)
     return _cl_op(logits, target, r, reduction)
 
 
@@ -555,8 +615,8 @@ def central_loss_from_landmarks(
     impl = _backend.resolve(device, "central_loss_from_landmarks")
     if impl == "reference":
         return reference.central_loss_from_landmarks(logits, landmarks, sigma, r, reduction, radius)
-    if impl == "triton" and device.type == "cpu":
-        return _TritonOnCPU.apply(logits, None, landmarks, sigma, r, reduction, radius)
+    if impl == "triton":
+        return _triton_apply(logits, None, landmarks, sigma, r, reduction, radius)
     return _lm_op(logits, landmarks, sigma, r, reduction, radius)
 
 
