@@ -58,12 +58,13 @@ def launch_config(kind: str, d: int, dtype: torch.dtype, precision: str = "tf32"
         return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK": 128, "num_warps": 4, "num_stages": 1}
     if arch is None:
         arch = device_arch()
+    wide_elems = 2 if dtype == torch.float64 else 1  # fp64 tiles take 2 registers per element
     if kind == "scatter":  # 8-16 tile elements per thread: sm_80 has no vector fp32 atomics
-        return {"BLOCK": (2048 if arch >= 90 else 1024) // bd, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK": (2048 if arch >= 90 else 1024) // bd // wide_elems, "num_warps": 4, "num_stages": 1}
     if kind == "sample":  # 4 gathered corner tiles of 32 elements per thread
-        return {"BLOCK": 4096 // bd, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK": 4096 // bd // wide_elems, "num_warps": 4, "num_stages": 1}
     if kind == "rowdot":
-        return {"BLOCK": max(4096 // bd, 16), "num_warps": 4, "num_stages": 1}
+        return {"BLOCK": max(4096 // bd // wide_elems, 16), "num_warps": 4, "num_stages": 1}
     if uses_fma(dtype, precision):
         return _fma_config(kind, bd, dtype)
     fp32 = dtype == torch.float32
@@ -84,14 +85,22 @@ def launch_config(kind: str, d: int, dtype: torch.dtype, precision: str = "tf32"
 
 
 def _fma_config(kind: str, bd: int, dtype: torch.dtype) -> dict:
-    """FMA tiles: (BLOCK_M x BLOCK_N) + operand tiles of bd columns in registers per program."""
-    big = bd >= 128 or dtype == torch.float64
-    if kind == "fwd":
-        return {"BLOCK_M": 32, "BLOCK_N": 16 if big else 32, "num_warps": 4, "num_stages": 1}
-    if kind == "dkv":
-        return {"BLOCK_M": 16, "BLOCK_N": 16 if big else 32, "num_warps": 4, "num_stages": 1}
-    if kind == "dq":
-        return {"BLOCK_M": 16 if big else 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    """FMA tiles (fp32 "ieee": FFMA; fp64: DMMA on sm_80/sm_90).  ptxas's register allocation
+    is far from monotonic in the tile size here (fp32 dK/dV d=64 at 16 x 32 and 4 warps
+    spills 8 B on sm_80 while 8 warps do not; fwd fp32 d=128 at 32 x 16 spills 168 B on
+    sm_90 with 4 warps, 0 with 8; fp64 dK/dV d=128 spills 80 B on sm_90 with triton 3.7.1
+    at 4 warps), so these are the spill-free picks of an AOT sweep (both triton versions)."""
+    if dtype == torch.float64:
+        if kind == "fwd":
+            return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        if kind in ("dkv", "dq"):
+            return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if bd >= 128 else 4, "num_stages": 1}
+    elif kind == "fwd":
+        return {"BLOCK_M": 32, "BLOCK_N": 16 if bd >= 128 else 32, "num_warps": 8, "num_stages": 1}
+    elif kind == "dkv":
+        return {"BLOCK_M": 16, "BLOCK_N": 16 if bd >= 128 else 32, "num_warps": 8, "num_stages": 1}
+    elif kind == "dq":
+        return {"BLOCK_M": 16 if bd >= 128 else 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 

@@ -48,7 +48,9 @@ CPU flash attention); ``torch.ops.coorkern.coor_attention`` returns ``(out, lse)
 
 from __future__ import annotations
 
+import inspect
 import re
+import struct
 from typing import Optional
 
 import torch
@@ -541,8 +543,13 @@ def _split(x: float) -> tuple[float, float]:
     """x as fp32 hi + lo: Triton's launcher passes Python floats as fp32 (the interpreter
     keeps fp64), so fp64 kernels get the softmax scale as two fp32 halves and add them
     (``_scale_of``): hi + lo carries ~48 bits, exact to the fp64 oracle at 1e-14."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+    hi = _to_fp32(x)
+    return hi, _to_fp32(x - hi)
+
+
+def _to_fp32(x: float) -> float:
+    """x rounded to fp32, on the host without a torch op (no dispatch, no device)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _grid_strides(coords: torch.Tensor) -> tuple[int, int, int, int]:
@@ -730,23 +737,23 @@ def aot_spec(name: str, dtype: torch.dtype, d: int, *, arch: int = 90, precision
                       ADD_DC=add_dc, PRECISION=precision, DOT_UPCAST=False, **blocks)
     constexprs.update({k: 1 for k in _UNIT_STRIDES})
     grad_dtype = {"dv_grad_ptr": dtype if sample == "qk" else acc, "dq_grad_ptr": acc if sample == "qk" else dtype}
-    params = [p.name for p in fn.params]
+    params = list(inspect.signature(fn.fn).parameters)  # JITFunction or the interpreter's
     signature = {}
-    for p in fn.params:
-        if p.name in constexprs:
-            signature[p.name] = "constexpr"
-        elif p.name in grad_dtype:
-            signature[p.name] = "*" + _TL_NAMES[grad_dtype[p.name]]
-        elif p.name.endswith("_acc_ptr"):
-            signature[p.name] = "*" + _TL_NAMES[acc]
-        elif p.name.endswith("_idx_ptr"):
-            signature[p.name] = "*i64"
-        elif p.name.endswith("_ptr"):
-            signature[p.name] = "*" + _TL_NAMES[dtype]
-        elif p.name.startswith("scale"):
-            signature[p.name] = "fp32"  # Python floats travel as fp32 (see _split)
+    for p in params:
+        if p in constexprs:
+            signature[p] = "constexpr"
+        elif p in grad_dtype:
+            signature[p] = "*" + _TL_NAMES[grad_dtype[p]]
+        elif p.endswith("_acc_ptr"):
+            signature[p] = "*" + _TL_NAMES[acc]
+        elif p.endswith("_idx_ptr"):
+            signature[p] = "*i64"
+        elif p.endswith("_ptr"):
+            signature[p] = "*" + _TL_NAMES[dtype]
+        elif p.startswith("scale"):
+            signature[p] = "fp32"  # Python floats travel as fp32 (see _split)
         else:
-            signature[p.name] = "i32"
+            signature[p] = "i32"
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     divisible = [p for p in params if p not in constexprs and (
         p.endswith("_ptr") or p == "d" or re.fullmatch(r"s_[mqkvab][bhyxn]", p))]
@@ -841,9 +848,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, coords, sample, scale, align_corners = inputs
     ctx.args = (sample, scale, align_corners)
     ctx.save_for_backward(q, k, v, coords, *output)
+    # lse is saved state, not a result to differentiate (and no zero-filled grad for it).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:  # no gradient reached out (grads are not materialized)
+        return (None,) * 7
     q, k, v, coords, out, lse = ctx.saved_tensors
     grads = _bwd_op(grad_out, q, k, v, coords, out, lse, *ctx.args)
     return (*grads, None, None, None)
@@ -865,10 +877,13 @@ class _TritonOnCPU(torch.autograd.Function):
         ctx.args = (sample, scale, align_corners)
         ctx.save_for_backward(q, k, v, coords, out, lse)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return (None,) * 7
         q, k, v, coords, out, lse = ctx.saved_tensors
         grads = _triton_backward(grad_out, q, k, v, coords, out, lse, *ctx.args)
         return (*grads, None, None, None)
