@@ -397,43 +397,65 @@ def test_module_rejects_bad_sample():
 # GPU compilation (no GPU needed): sm_80 and sm_90, no LOCAL spills, HGMMA on sm_90
 
 _COMPILE_SCRIPT = r"""
-import json, sys
+import json, re, sys
 import torch
 from coorkern._triton_aot import CompileRequest, compile_many
 from coorkern.ops import coor_attention as ca
 
-TY = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-results = []
+TY = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+requests, labels = [], []
 for name, dtype, d, extra in json.loads(sys.argv[1]):
+    all_candidates = extra.pop("candidates", False)
     for arch in (80, 90):
-        # aot_spec names the arguments a launch with contiguous inputs marks divisible by
-        # 16 (tt.divisibility), so this compiles the variant a GPU runs.
-        fn, signature, constexprs, cfg, divisible = ca.aot_spec(name, TY[dtype], d, arch=arch, **extra)
-        (rep,) = compile_many([CompileRequest(fn, signature, constexprs, arch, cfg["num_warps"], cfg["num_stages"],
-                                              with_sass=True, divisible=divisible)])
-        results.append(dict(name=name, dtype=dtype, d=d, extra=extra, arch=arch, registers=rep.registers,
-                            local=rep.local_bytes, stack=rep.stack_bytes, hgmma=rep.count("HGMMA"),
-                            hmma=rep.count("HMMA")))
+        configs = [None]
+        if all_candidates:  # every autotuning candidate of this variant
+            configs = ca._launch.candidates(name, d, TY[dtype], extra.get("precision", "tf32"), arch)
+        for config in configs:
+            # aot_spec names the arguments a launch with contiguous inputs marks divisible by
+            # 16 (tt.divisibility), so this compiles the variant a GPU runs.
+            fn, signature, constexprs, cfg, divisible = ca.aot_spec(name, TY[dtype], d, arch=arch, config=config,
+                                                                    **extra)
+            requests.append(CompileRequest(fn, signature, constexprs, arch, cfg["num_warps"], cfg["num_stages"],
+                                           with_sass=True, divisible=divisible))
+            labels.append(dict(name=name, dtype=dtype, d=d, extra=extra, arch=arch, config=cfg))
+results = []
+for label, rep in zip(labels, compile_many(requests)):
+    minmax = re.findall(r"\b(?:max|min)(?:\.\w+)*\.f(?:32|64)\b", rep.ptx)
+    results.append(dict(label, registers=rep.registers, local=rep.local_bytes, stack=rep.stack_bytes,
+                        hgmma=rep.count("HGMMA"), hmma=rep.count("HMMA"), dmma=rep.count("DMMA"),
+                        ffma=rep.count("FFMA"), minmax=sorted(set(minmax)),
+                        setp_nan=len(re.findall(r"setp\.nan", rep.ptx))))
 print("RESULTS" + json.dumps(results))
 """
 
-COMPILE_CASES = [  # every kernel; the register-heaviest variants (d = 128, fp32) included
-    ("fwd", "bf16", 64, {"sample_q": True}),
-    ("fwd", "bf16", 128, {"sample_q": True}),
-    ("fwd", "fp16", 32, {"sample_q": False}),
-    ("fwd", "fp32", 128, {"sample_q": True}),
-    ("fwd", "fp32", 128, {"sample_q": False}),
-    ("dkv", "bf16", 64, {}),
+COMPILE_CASES = [  # every kernel; the register-heaviest variants (d = 128, fp32, fp64) included
+    ("fwd", "bf16", 64, {"candidates": True}),
+    ("fwd", "bf16", 128, {}),
+    ("fwd", "fp16", 32, {}),
+    ("fwd", "fp32", 128, {}),
+    ("fwd", "fp32", 64, {"precision": "ieee"}),
+    ("fwd", "fp32", 128, {"precision": "ieee"}),
+    ("fwd", "fp64", 128, {}),
+    ("dkv", "bf16", 64, {"candidates": True}),
     ("dkv", "bf16", 128, {}),
-    ("dkv", "fp32", 128, {}),
-    ("dq", "bf16", 64, {}),
-    ("dq", "fp16", 128, {}),
+    ("dkv", "fp32", 128, {"sample": "kv"}),
+    ("dkv", "fp32", 64, {"precision": "ieee"}),
+    ("dkv", "fp32", 128, {"precision": "ieee"}),
+    ("dkv", "fp64", 128, {}),
+    ("dq", "bf16", 64, {"candidates": True}),
+    ("dq", "fp16", 128, {"sample": "kv"}),
     ("dq", "fp32", 128, {}),
+    ("dq", "fp32", 128, {"precision": "ieee"}),
+    ("dq", "fp64", 128, {}),
     ("sample", "bf16", 128, {}),
     ("sample", "fp32", 128, {}),
+    ("sample", "fp64", 64, {}),
     ("scatter", "fp32", 64, {"deterministic": False}),
-    ("scatter", "bf16", 128, {"deterministic": False}),
+    ("scatter", "bf16", 128, {"deterministic": False, "add_dc": True}),
     ("scatter", "fp32", 32, {"deterministic": True}),
+    ("scatter", "fp64", 128, {"align_corners": False}),
+    ("rowdot", "bf16", 128, {}),
+    ("rowdot", "fp64", 128, {}),
 ]
 
 
@@ -442,28 +464,59 @@ def compiled_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(COMPILE_CASES)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULTS")][-1]
     return json.loads(line[len("RESULTS"):])
 
 
 def test_every_kernel_compiles_for_sm80_sm90_without_spills(compiled_kernels):
-    assert {r["name"] for r in compiled_kernels} == {"fwd", "dkv", "dq", "sample", "scatter"}
-    assert len(compiled_kernels) == 2 * len(COMPILE_CASES)
+    assert {r["name"] for r in compiled_kernels} == {"fwd", "dkv", "dq", "sample", "scatter", "rowdot"}
+    assert len(compiled_kernels) >= 2 * len(COMPILE_CASES)
+    assert {(r["dtype"], r["extra"].get("precision")) for r in compiled_kernels if r["name"] == "dq"} >= {
+        ("fp32", "ieee"), ("fp32", None), ("fp64", None), ("bf16", None)}
     for r in compiled_kernels:
         # cuobjdump reports register spills of Triton kernels under STACK (LOCAL stays 0)
         assert r["local"] == 0 and r["stack"] == 0, r
         assert 0 < r["registers"] <= 255, r
 
 
-def test_dot_kernels_use_hgmma_on_sm90(compiled_kernels):
+def test_autotune_candidates_start_with_the_hand_picked_config():
+    for kind in ("fwd", "dkv", "dq"):
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            options = ca._launch.candidates(kind, 64, dtype, "tf32", 90)
+            assert options[0] == ca.launch_config(kind, 64, dtype, "tf32", interpret=False, arch=90)
+            assert len(options) == len({json.dumps(o, sort_keys=True) for o in options})
+    assert len(ca._launch.candidates("fwd", 64, torch.bfloat16, "ieee", 90)) > 1
+    assert ca._launch.n_bucket(1) == 1 and ca._launch.n_bucket(832) == ca._launch.n_bucket(1024) == 1024
+    # never on CPU (the interpreter), so the tests always run the first choice
+    assert not ca._launch.autotune_allowed(torch.device("cpu"))
+
+
+def test_coordinate_clamp_keeps_nan_in_ptx(compiled_kernels):
+    # NaN coordinates must survive the clamp: min.f32/max.f32 return the other operand for
+    # a NaN (the GPU would sample zeros); min.NaN/max.NaN propagate it.  fp64 has no .NaN
+    # variant: Triton selects NaN explicitly (setp.nan).
     for r in compiled_kernels:
-        if r["name"] in ("fwd", "dkv", "dq"):
-            if r["arch"] == 90:
-                assert r["hgmma"] > 0, r
+        if r["name"] in ("sample", "scatter"):
+            if r["dtype"] == "fp64":
+                assert r["setp_nan"] > 0, r
             else:
-                assert r["hmma"] > 0, r  # sm_80: mma.sync tensor cores
+                assert r["minmax"] and all(".NaN." in op for op in r["minmax"]), r
+
+
+def test_dot_kernels_use_tensor_cores(compiled_kernels):
+    for r in compiled_kernels:
+        if r["name"] not in ("fwd", "dkv", "dq"):
+            continue
+        if r["dtype"] == "fp64":
+            assert r["dmma"] > 0, r  # fp64 tensor cores on sm_80 and sm_90
+        elif r["extra"].get("precision") == "ieee":
+            assert r["ffma"] > 0 and r["hgmma"] == r["hmma"] == 0, r  # exact fp32: FMA units
+        elif r["arch"] == 90:
+            assert r["hgmma"] > 0, r
+        else:
+            assert r["hmma"] > 0, r  # sm_80: mma.sync tensor cores
 
 
 # ---------------------------------------------------------------------------
