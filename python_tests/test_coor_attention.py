@@ -9,6 +9,7 @@ real JIT functions), targeting sm_80 and sm_90 without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -705,3 +706,21 @@ def test_launch_counts(monkeypatch, dtype, per_head, deterministic, fwd, bwd):
         torch.use_deterministic_algorithms(previous)
     assert "_row_dot_kernel" in kernels and "_local_scalar_dense" not in ops, (kernels, ops)
     assert len(kernels) + len(ops) == bwd, (kernels, ops)
+
+
+def test_cuda_entry_points_enter_the_tensors_device(monkeypatch):
+    # Triton launches on the current device: the CUDA kernels of both ops must make the
+    # inputs' device current (cuda:1 tensors while cuda:0 is current).  Recorded here with
+    # CPU tensors through the interpreter; the CUDA test runs it on two GPUs.
+    entered = []
+
+    @contextlib.contextmanager
+    def device(dev):
+        entered.append(torch.device(dev))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    q, k, v, coords = make_inputs("kv", dtype=torch.float32)
+    out, lse = ca._op_cuda(q, k, v, coords, "kv", 0.25, True)
+    ca._bwd_op_cuda(torch.ones_like(out), q, k, v, coords, out, lse, "kv", 0.25, True)
+    assert entered == [q.device, q.device]

@@ -431,13 +431,16 @@ def _scatter_map(m_ptr, g_acc_ptr, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, bh, b,
                 other=0.0).to(ACC)
     m_base = m_ptr + b * s_mb + h * s_mh
     gx, gy = _scatter_corner(g, m_base, s_my, s_mx, s_md, wx0 * wy0, -wy0, -wx0, x0, y0, bh, row, height, width,
-                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 0, offs_d, n_mask, d_mask, DETERMINISTIC, ACC)
+                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 0, offs_d, n_mask, d_mask,
+                             DETERMINISTIC, ACC)
     ax, ay = _scatter_corner(g, m_base, s_my, s_mx, s_md, wx1 * wy0, wy0, -wx1, x0 + 1, y0, bh, row, height, width,
-                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 1, offs_d, n_mask, d_mask, DETERMINISTIC, ACC)
+                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 1, offs_d, n_mask, d_mask,
+                             DETERMINISTIC, ACC)
     gx += ax
     gy += ay
     ax, ay = _scatter_corner(g, m_base, s_my, s_mx, s_md, wx0 * wy1, -wy1, wx0, x0, y0 + 1, bh, row, height, width,
-                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 2, offs_d, n_mask, d_mask, DETERMINISTIC, ACC)
+                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 2, offs_d, n_mask, d_mask,
+                             DETERMINISTIC, ACC)
     gx += ax
     gy += ay
     ax, ay = _scatter_corner(g, m_base, s_my, s_mx, s_md, wx1 * wy1, wy1, wx1, x0 + 1, y0 + 1, bh, row, height,
@@ -818,7 +821,6 @@ _op = define_op(SCHEMAS["coor_attention"], _reference_forward)
 _bwd_op = define_op(SCHEMAS["coor_attention_backward"], _reference_backward)
 
 
-@torch.library.register_kernel("coorkern::coor_attention", "cuda")
 def _op_cuda(q, k, v, coords, sample, scale, align_corners):
     # Triton launches on the current device's current stream: make that q's device
     # (tensors on cuda:1 while cuda:0 is current).
@@ -826,10 +828,13 @@ def _op_cuda(q, k, v, coords, sample, scale, align_corners):
         return _triton_forward(q, k, v, coords, sample, scale, align_corners)
 
 
-@torch.library.register_kernel("coorkern::coor_attention_backward", "cuda")
 def _bwd_op_cuda(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners):
     with torch.cuda.device(q.device):
         return _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners)
+
+
+torch.library.register_kernel("coorkern::coor_attention", "cuda", _op_cuda)
+torch.library.register_kernel("coorkern::coor_attention_backward", "cuda", _bwd_op_cuda)
 
 
 @torch.library.register_fake("coorkern::coor_attention")
