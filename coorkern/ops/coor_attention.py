@@ -35,7 +35,8 @@ to the first's in-kernel; the heads' share of shared coords is summed by the hos
 Launch counts are in ``_triton_backward``'s docstring (issue 13 cut them from 16-18).
 Extra memory is O(N d): sampled tokens, fp32 gradient buffers and log-sum-exp (plus 4 N d
 fp32 partials on the deterministic path); never N x N.  The grid is 1-D (no 65535 cap on
-B heads); launch configs come from ``_attention_launch`` (autotuned on CUDA).
+B heads); launch configs come from ``_attention_launch`` (autotuned on CUDA), the
+kernels' ahead-of-time declarations (``aot_spec``, ``aot_variants``) from ``_attention_aot``.
 
 Numerics: fp32 accumulation everywhere; exp2 with the scale folded into log2 e in fp32;
 float64 (the interpreter's gradcheck) uses exp/log and a two-float scale so that results
@@ -48,8 +49,6 @@ CPU flash attention); ``torch.ops.coorkern.coor_attention`` returns ``(out, lse)
 
 from __future__ import annotations
 
-import inspect
-import re
 import struct
 from typing import Optional
 
@@ -61,6 +60,7 @@ from .. import _backend, reference
 from .._checks import check_choice, check_number, check_rank, check_same_device, check_tensor
 from .._library import define_op
 from . import _attention_launch as _launch
+from ._attention_aot import aot_spec, aot_variants  # noqa: F401  (public for AOT builds)
 from ._attention_launch import block_d, launch_config
 
 __all__ = ["coor_attention", "CoorAttention"]
@@ -712,78 +712,6 @@ def _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_c
     if coords.dim() == 3:
         dc = dc.sum(1)  # shared by the heads
     return dq, dk, dv, dc.to(coords.dtype)
-
-
-def aot_spec(name: str, dtype: torch.dtype, d: int, *, arch: int = 90, precision: Optional[str] = None,
-             sample: str = "qk", deterministic: bool = False, align_corners: bool = True, add_dc: bool = False,
-             config: Optional[dict] = None):
-    """``(kernel, signature, constexprs, config, divisible)`` of one kernel as the launchers
-    run it on a GPU with contiguous inputs, for ``coorkern._triton_aot.compile_for_gpu``.
-
-    ``precision`` (fp32 dots: "tf32" or "ieee"; default tf32) and ``sample`` (which of dQ/dV
-    is written straight in the input dtype) select the variant; ``config`` overrides the
-    launch config (autotuning candidates).  Unit channel/coordinate strides are constexpr 1
-    and ``divisible`` names the arguments Triton's launcher marks divisible by 16 for
-    16-byte aligned, contiguous inputs with d in {16, 32, 64, 128} (pointers, d, and the
-    map/token strides, which are multiples of d): pass them to ``ASTSource`` as
-    ``tt.divisibility`` attributes to compile the variant a GPU actually runs.
-    """
-    kernels = {"fwd": _attn_fwd_kernel, "dkv": _attn_bwd_dkv_kernel, "dq": _attn_bwd_dq_kernel,
-               "sample": _sample_kernel, "scatter": _scatter_kernel, "rowdot": _row_dot_kernel}
-    fn = kernels[name]
-    if precision is None:
-        precision = "tf32" if dtype == torch.float32 else "ieee"
-    cfg = dict(config or launch_config(name, d, dtype, precision, interpret=False, arch=arch))
-    acc = _acc_dtype(dtype)
-    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-    constexprs = dict(ACC=_tl_acc(dtype), BLOCK_D=block_d(d), ALIGN=align_corners, DETERMINISTIC=deterministic,
-                      ADD_DC=add_dc, PRECISION=precision, DOT_UPCAST=False, **blocks)
-    constexprs.update({k: 1 for k in _UNIT_STRIDES})
-    grad_dtype = {"dv_grad_ptr": dtype if sample == "qk" else acc, "dq_grad_ptr": acc if sample == "qk" else dtype}
-    params = list(inspect.signature(fn.fn).parameters)  # JITFunction or the interpreter's
-    signature = {}
-    for p in params:
-        if p in constexprs:
-            signature[p] = "constexpr"
-        elif p in grad_dtype:
-            signature[p] = "*" + _TL_NAMES[grad_dtype[p]]
-        elif p.endswith("_acc_ptr"):
-            signature[p] = "*" + _TL_NAMES[acc]
-        elif p.endswith("_idx_ptr"):
-            signature[p] = "*i64"
-        elif p.endswith("_ptr"):
-            signature[p] = "*" + _TL_NAMES[dtype]
-        elif p.startswith("scale"):
-            signature[p] = "fp32"  # Python floats travel as fp32 (see _split)
-        else:
-            signature[p] = "i32"
-    constexprs = {k: v for k, v in constexprs.items() if k in params}
-    divisible = [p for p in params if p not in constexprs and (
-        p.endswith("_ptr") or p == "d" or re.fullmatch(r"s_[mqkvab][bhyxn]", p))]
-    return fn, signature, constexprs, cfg, divisible
-
-
-def aot_variants(arch: int = 90, head_dims=(16, 32, 64, 128)):
-    """Every (name, dtype, d, options) the launchers can run on a GPU, for ``aot_spec(name,
-    dtype, d, arch=arch, **options)``: what an ahead-of-time build must compile (autotuning
-    candidates included as ``config``)."""
-    for d in head_dims:
-        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-            for align in (True, False):
-                yield "sample", dtype, d, {"align_corners": align}
-                for det in (False, True):
-                    for add_dc in (False, True):
-                        yield "scatter", dtype, d, {"align_corners": align, "deterministic": det, "add_dc": add_dc}
-            yield "rowdot", dtype, d, {}
-            for precision in (("tf32", "ieee") if dtype == torch.float32 else ("ieee",)):
-                for name in _launch.TUNED_KINDS:
-                    for sample in (("qk", "kv") if name != "fwd" else ("qk",)):
-                        for cfg in _launch.candidates(name, d, dtype, precision, arch):
-                            yield name, dtype, d, {"precision": precision, "sample": sample, "config": cfg}
-
-
-_TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-_UNIT_STRIDES = ("s_md", "s_qd", "s_kd", "s_vd", "s_ad", "s_bd", "s_cc")
 
 
 # ---------------------------------------------------------------------------
