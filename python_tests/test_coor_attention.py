@@ -552,6 +552,7 @@ def _spy_kernels(monkeypatch, launch=True):
     return log
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN arithmetic
 @pytest.mark.parametrize("sample", ["qk", "kv"])
 def test_nan_coordinates_give_nan_like_grid_sample(sample):
     # grid_sample samples NaN at a NaN coordinate; a NaN key poisons its head's softmax.
@@ -567,6 +568,7 @@ def test_nan_coordinates_give_nan_like_grid_sample(sample):
     torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("align_corners", [True, False])
 def test_sample_kernel_nan_matches_grid_sample(align_corners):
     fmap = torch.randn(1, 2, 4, 5, 8, dtype=torch.float64)
