@@ -263,13 +263,13 @@ def _attn_fwd_kernel(
 
     Q is a token tensor: for sample="qk" it is pre-sampled by ``_sample_kernel``.  Fusing
     the bilinear gather into the Q tile load was measured by the SASS (sm_90, bf16, d=64,
-    BLOCK 128 x 64, triton 3.9): the sampled tile lives in registers and Triton then waits
-    for every HGMMA (8 HGMMA, 8 ``WARPGROUP.DEPBAR`` waits per loop) instead of 2 waits
-    for the pipelined smem operand of a loaded tile (8 HGMMA, 2 waits) -- the S and O
-    products of the key loop no longer overlap the softmax.  Pre-sampling costs one launch
-    and 2 Nq d elements of traffic (write the tokens, read them back; the 4 Nq d corner
-    gathers are paid either way) against 4 Nq N d FLOPs: < 0.1% of the bytes the forward
-    streams (2 N d per query block) once N >= 64 BLOCK_M.
+    BLOCK 128 x 64, 8 warps; triton 3.7.1 and 3.9 alike): the sampled tile lives in
+    registers and Triton then waits for every HGMMA (static SASS: 8 HGMMA, 8
+    ``WARPGROUP.DEPBAR`` waits) instead of pipelining the smem operand of a loaded tile (8
+    HGMMA, 2 waits), so the S and O products no longer overlap the softmax.  Pre-sampling costs one
+    launch and 2 Nq d elements of traffic (write the tokens, read them back; the 4 Nq d
+    corner gathers are paid either way), against 2 N d elements streamed per query block:
+    a fraction BLOCK_M / N of the forward's bytes (0.8% at N = 16384).
     """
     bh, b, h, offs_m, offs_d, m_mask, d_mask = _program(heads, n_q, d, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
