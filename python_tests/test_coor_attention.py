@@ -446,6 +446,7 @@ COMPILE_CASES = [  # every kernel; the register-heaviest variants (d = 128, fp32
     ("dq", "bf16", 64, {"candidates": True}),
     ("dq", "fp16", 128, {"sample": "kv"}),
     ("dq", "fp32", 128, {}),
+    ("dq", "fp32", 64, {}),
     ("dq", "fp32", 128, {"precision": "ieee"}),
     ("dq", "fp64", 128, {}),
     ("sample", "bf16", 128, {}),

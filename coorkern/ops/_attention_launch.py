@@ -78,7 +78,7 @@ def launch_config(kind: str, d: int, dtype: torch.dtype, precision: str = "tf32"
             return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8 if bd >= 128 and arch < 90 else 4, "num_stages": 2}
         return {"BLOCK_M": 32, "BLOCK_N": 64 if wide else 128, "num_warps": 4 if wide else 8, "num_stages": 2}
     if kind == "dq":
-        if fp32 and bd >= 128:  # triton 3.7.1 spills 32 B at BLOCK_M = 64 here
+        if fp32 and bd >= 64:  # BLOCK_N = 32 spills: d=128 32 B (triton 3.7.1), d=64 8 B on sm_80
             return {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
         return {"BLOCK_M": 64 if wide else 128, "BLOCK_N": 32, "num_warps": 4 if wide else 8, "num_stages": 2}
     raise ValueError(f"unknown kernel kind {kind!r}")
