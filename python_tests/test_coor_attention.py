@@ -573,7 +573,8 @@ def test_nan_coordinates_give_nan_like_grid_sample(sample):
 @pytest.mark.parametrize("align_corners", [True, False])
 def test_sample_kernel_nan_matches_grid_sample(align_corners):
     fmap = torch.randn(1, 2, 4, 5, 8, dtype=torch.float64)
-    # (inf is left out: grid_sample's answer there differs between its CPU and CUDA kernels)
+    # (inf is left out: grid_sample's CPU kernel gives NaN there, while this kernel clamps it
+    # outside the map and samples zeros; its CUDA kernel's answer was not checked)
     coords = torch.tensor([[[float("nan"), 0.2], [0.1, float("nan")], [0.3, -0.4], [float("nan")] * 2,
                             [1.0, 1.0], [5.0, -0.5]]], dtype=torch.float64)
     out = ca._sample_tokens(fmap, coords, align_corners)
