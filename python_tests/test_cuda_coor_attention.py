@@ -20,20 +20,9 @@ import pytest
 import torch
 
 import coorkern
-from coorkern import _backend, reference
+from coorkern import reference
 from coorkern.ops import coor_attention as ca
 from test_coor_attention import assert_close_to_oracle, make_coords
-
-
-@pytest.fixture
-def cuda_device() -> torch.device:
-    """``torch.device("cuda")``, or skip with "no CUDA device" (the same fixture as in
-    conftest.py's COORKERN_TEST_DEVICE switch; defined here until that lands)."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if _backend.triton_interpreter_enabled():
-        pytest.skip("CUDA tests need COORKERN_TEST_DEVICE=cuda (the Triton kernels are interpreted in this run)")
-    return torch.device("cuda")
 
 
 # ---------------------------------------------------------------------------
