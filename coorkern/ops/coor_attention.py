@@ -42,8 +42,9 @@ Numerics: fp32 accumulation everywhere; exp2 with the scale folded into log2 e i
 float64 (the interpreter's gradcheck) uses exp/log and a two-float scale so that results
 match the float64 oracle to ~1e-15.
 
-CPU tensors normally run the C++ op (``csrc/coor_attention.cpp``: ATen grid sampler +
-CPU flash attention); ``torch.ops.coorkern.coor_attention`` returns ``(out, lse)`` and
+CPU tensors normally run the C++ op (``csrc/coor_attention.cpp``: a hand-written kernel
+with the sampling fused into the tiles where it measured faster, ATen's grid sampler + CPU
+flash attention otherwise); ``torch.ops.coorkern.coor_attention`` returns ``(out, lse)`` and
 ``coor_attention_backward`` is its autograd formula on every device.
 """
 
