@@ -2,8 +2,9 @@
 
 ``python -m coorkern._aot_codegen OUT_DIR`` (run by ``setup.py`` with
 ``TRITON_INTERPRET=0``) compiles, for every arch in :data:`ARCHES`, each variant that an
-op module declares (``AOT_VARIANTS``, a list of keyword dicts for its ``aot_spec``), and
-writes ``OUT_DIR/aot_kernels.cpp``: the cubins and PTX (embedded with ``.incbin``) and the table
+op module declares (``AOT_VARIANTS``, a list of keyword dicts for its ``aot_spec``, which
+also gets ``arch``), and writes ``OUT_DIR/aot_kernels.cpp``: the cubins and PTX (embedded
+with ``.incbin``) and the table
 ``coorkern::aot::kKernels`` that ``csrc/aot/`` launches through the CUDA driver.  No GPU
 is needed.  On success it prints ``sources=`` and ``cuda_include=`` (the ``cuda.h``
 shipped with Triton) for ``setup.py``; without Triton or its ``cuda.h`` it exits
@@ -49,7 +50,7 @@ def _compile(job: tuple[str, str, dict, int]) -> dict:
     from ._triton_aot import CompileRequest, compile_binary
 
     op, module_name, variant, arch = job
-    fn, signature, constexprs, config, divisible = importlib.import_module(module_name).aot_spec(**variant)
+    fn, signature, constexprs, config, divisible = importlib.import_module(module_name).aot_spec(**variant, arch=arch)
     compiled = compile_binary(CompileRequest(fn, signature, constexprs, arch, config["num_warps"],
                                              config["num_stages"], divisible=divisible))
     meta = compiled.metadata

@@ -215,13 +215,23 @@ def test_library_holds_aot_cuda_kernels_for_sm80_and_sm90(tmp_path):
     for arch in (80, 90):
         assert {variant for op, variant, a, _ in kernels if op == "central_loss" and a == arch} == expected
     assert f"central_loss@sm_80x{len(expected)}" in _extension.build_info()
-    # One cubin per arch through cuobjdump: real SASS for that arch.
-    for op, variant, arch, cubin in kernels[:2]:
-        path = tmp_path / f"{arch}.cubin"
+    # One cubin per kernel and arch through cuobjdump: real SASS for that arch.
+    first = {}
+    for op, variant, arch, cubin in kernels:
+        first.setdefault((re.search(r"kernel=(\w+)", variant).group(1), arch), cubin)
+    assert set(first) == {(k, a) for k in ("central_loss", "finish_sum") for a in (80, 90)}
+    for (kernel, arch), cubin in first.items():
+        path = tmp_path / f"{kernel}{arch}.cubin"
         path.write_bytes(cubin)
         sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
         assert re.search(rf"code for sm_{arch}a?\b", sass), sass[:500]
-        assert "Function : _central_loss_kernel" in sass
+        assert f"Function : _{kernel}_kernel" in sass
+
+
+def test_cpp_launcher_uses_the_python_fast_row_limit():
+    with open(os.path.join(ROOT, "csrc", "aot", "central_loss_cuda.cpp")) as f:
+        shift = re.search(r"kFastRowPixels = int64_t\{1\} << (\d+);", f.read()).group(1)
+    assert 1 << int(shift) == cl_module.FAST_ROW_PIXELS
 
 
 @needs_library
@@ -256,17 +266,28 @@ for dtype, r, red in itertools.product((torch.float32, torch.float64, torch.floa
         except RuntimeError as exc:
             assert "need CUDA tensors, got cpu" in str(exc), (op, dtype, r, red, str(exc))
             calls += 1
+# maps of 2^22 pixels: the landmark kernels compiled without FAST_ROW
+x = torch.zeros(1, 1, 2048, 2048)
+lm = torch.ones(1, 1, 2)
+for op, args in ((ops.central_loss_from_landmarks, (x, lm, 2.0, 2.0, "sum", None)),
+                 (ops.central_loss_from_landmarks_backward, (x, x, lm, 2.0, 1.5, "none", 3.0))):
+    try:
+        op.default.redispatch(cuda, *args)
+    except RuntimeError as exc:
+        assert "need CUDA tensors, got cpu" in str(exc), (op, str(exc))
+        calls += 1
 print(calls)
 """
 
 
 @needs_library
 def test_cuda_launchers_pass_the_compiled_signatures():
-    """Each C++ CUDA entry point, called with CPU tensors, finds its AOT variant and passes
-    arguments of the compiled types before it stops at the device check (no GPU here)."""
+    """Each C++ CUDA entry point, called with CPU tensors, finds its AOT variants (the pass
+    and, for mean/sum, the finishing sum) and passes arguments of the compiled types before
+    it stops at the device check (no GPU here)."""
     if "cuda_aot=" not in _extension.build_info():
         pytest.skip("the library was built without the AOT CUDA kernels")
     proc = subprocess.run([sys.executable, "-c", _HOST_CHECK, _extension.library_path()], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split()[-1] == str(3 * 2 * 3 * 4)
+    assert proc.stdout.split()[-1] == str(3 * 2 * 3 * 4 + 2)

@@ -63,6 +63,11 @@ int64_t constexpr_int(const char* op, const std::string& variant, const char* na
 // Checks args against the variant's parameter types; throws naming both when they differ.
 void check_args(const KernelImage& image, const std::vector<Arg>& args);
 
+// check_args for the variant, and 16-byte aligned pointers; throws otherwise.  launch()
+// does this first; a launcher calls it itself for a later launch it must not start
+// without (and so that CPU-tensor calls in the tests validate that launch too).
+void check_launch(const char* op, const std::string& variant, const std::vector<Arg>& args);
+
 // Launches the variant on the current stream of `device`, choosing the cubin for the
 // GPU's arch (or JIT-compiling PTX for newer GPUs).  Pointers must be 16-byte aligned.
 void launch(const at::Device& device, const char* op, const std::string& variant, std::array<uint32_t, 3> grid,

@@ -1,14 +1,19 @@
-// Central loss on CUDA tensors for C++ callers: the Triton kernel of
+// Central loss on CUDA tensors for C++ callers: the Triton kernels of
 // coorkern/ops/central_loss.py, compiled ahead of time (AOT_VARIANTS there), launched
-// like its Python host code (_triton_pass) and registered under the CUDA key.
+// exactly like its Python host code (_triton_pass): the same arguments (fp64 scalars), a
+// 1-D grid of rows x chunks_per_row programs of CHUNK elements, and for mean/sum the same
+// finishing kernel over the partial sums.  Registered under the CUDA key.
 //
 // Python overrides these registrations with its JIT-compiled kernels when coorkern is
-// imported (coorkern/_library.py), so they serve libtorch programs only.  float16 and
-// bfloat16 inputs are computed in float32 (the AOT set holds float32/float64 kernels);
-// r = 2 gets its specialized kernel, any other r the general one.
+// imported (coorkern/_library.py), so they serve libtorch programs only.  What the AOT set
+// fixes at build time (see AOT_VARIANTS): one launch configuration (no autotuning),
+// float32/float64 kernels (float16/bfloat16 inputs are computed in float32, with the one
+// rounding to the input dtype at the end, as Python's in-kernel casts do), r = 2
+// specialized and any other r through the general kernel.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <string>
@@ -18,9 +23,13 @@
 namespace coorkern {
 namespace {
 
+constexpr const char* kOp = "central_loss";
 // Kernel modes (the MODE constexpr of _central_loss_kernel).
 constexpr int kLossNone = 0, kLossSum = 1, kGrad = 2;
-constexpr int64_t kMaxGridY = 65535;
+// FAST_ROW_PIXELS in central_loss.py (a test checks they agree): below it the landmark
+// kernel's float32 row/column split is exact.
+constexpr int64_t kFastRowPixels = int64_t{1} << 22;
+constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
 
 void check_reduction(c10::string_view reduction) {
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none",
@@ -40,6 +49,18 @@ struct Target {
   std::optional<double> radius;
 };
 
+// The AOT_VARIANTS keys (coorkern._aot_codegen.variant_key: sorted "key=value").
+std::string pass_variant(at::ScalarType type, bool from_landmarks, bool fast_row, bool grad_out_scalar, int mode,
+                         int r_int) {
+  return std::string("dtype=") + aot::triton_dtype(type) + ",fast_row=" + (fast_row ? "1" : "0") +
+         ",from_landmarks=" + (from_landmarks ? "1" : "0") + ",grad_out_scalar=" + (grad_out_scalar ? "1" : "0") +
+         ",kernel=central_loss,mode=" + std::to_string(mode) + ",r_int=" + std::to_string(r_int);
+}
+
+std::string finish_variant(at::ScalarType type) {
+  return std::string("dtype=") + aot::triton_dtype(type) + ",kernel=finish_sum";
+}
+
 at::Tensor run(int mode, const at::Tensor& logits, const Target& spec, double r, c10::string_view reduction,
                const at::Tensor* grad_output = nullptr) {
   check_reduction(reduction);
@@ -48,7 +69,7 @@ at::Tensor run(int mode, const at::Tensor& logits, const Target& spec, double r,
   const auto x = kernel_operand(logits, type);
   const bool from_landmarks = spec.landmarks != nullptr;
   const int64_t numel = x.numel();
-  int64_t inner = numel, outer = 1, width = 1;
+  int64_t inner = numel, rows = 1, width = 1;
   at::Tensor t, data;
   if (from_landmarks) {
     TORCH_CHECK(logits.dim() >= 3 && spec.landmarks->dim() == logits.dim() - 1 &&
@@ -60,7 +81,7 @@ at::Tensor run(int mode, const at::Tensor& logits, const Target& spec, double r,
     width = x.size(-1);
     inner = x.size(-2) * width;
     TORCH_CHECK(inner < (int64_t{1} << 31), "coorkern::central_loss_from_landmarks: heatmaps must have < 2^31 pixels");
-    outer = inner > 0 ? numel / inner : 0;
+    rows = inner > 0 ? numel / inner : 0;
     data = kernel_operand(spec.landmarks->to(x.device()), type);
     t = data;  // unused pointer slot
   } else {
@@ -69,33 +90,48 @@ at::Tensor run(int mode, const at::Tensor& logits, const Target& spec, double r,
     t = kernel_operand(spec.target->to(x.device()), type);
     data = t;  // unused pointer slot
   }
-  TORCH_CHECK(outer <= kMaxGridY, "coorkern::central_loss_from_landmarks: at most ", kMaxGridY, " heatmaps, got ", outer);
   const bool scalar_grad = reduction != "none";
-  const std::string variant = std::string("dtype=") + aot::triton_dtype(type) +
-                              ",from_landmarks=" + (from_landmarks ? "1" : "0") +
-                              ",grad_out_scalar=" + (mode != kGrad || scalar_grad ? "1" : "0") +
-                              ",mode=" + std::to_string(mode) + ",r_int=" + (r == 2.0 ? "2" : "-1");
-  const int64_t block = aot::constexpr_int("central_loss", variant, "BLOCK");
-  const int64_t programs = (inner + block - 1) / block;
+  // FAST_ROW only changes the landmark kernels; the target ones are compiled with it on.
+  const bool fast_row = !from_landmarks || inner < kFastRowPixels;
+  const std::string variant = pass_variant(type, from_landmarks, fast_row, mode != kGrad || scalar_grad, mode,
+                                           r == 2.0 ? 2 : -1);
+  const int64_t chunk = aot::constexpr_int(kOp, variant, "CHUNK");
+  const int64_t chunks_per_row = (inner + chunk - 1) / chunk;
+  const int64_t programs = rows * chunks_per_row;
+  TORCH_CHECK(programs <= kMaxGridX, "coorkern::central_loss: ", numel, " elements need ", programs,
+              " programs, more than a CUDA grid holds (", kMaxGridX, ")");
 
-  at::Tensor out = mode == kLossSum ? at::empty({outer, programs}, x.options()) : at::empty_like(x);
+  at::Tensor out = mode == kLossSum ? at::empty({std::max<int64_t>(programs, 1)}, x.options()) : at::empty_like(x);
   at::Tensor g_out = x;  // unused pointer slot unless mode == kGrad
   if (mode == kGrad) {
     g_out = scalar_grad ? kernel_operand(*grad_output, type) : kernel_operand(grad_output->expand_as(x), type);
   }
-  const double radius2 = spec.radius ? *spec.radius * *spec.radius : std::numeric_limits<double>::infinity();
-  const double grad_scale = reduction == "mean" && numel > 0 ? 1.0 / static_cast<double>(numel) : 1.0;
-  if (numel > 0) {
-    aot::launch(x.device(), "central_loss", variant,
-                {static_cast<uint32_t>(programs), static_cast<uint32_t>(outer), 1},
+  // The finishing launch of mean/sum: _finish_sum_kernel is in the AOT set rather than an
+  // ATen sum, so the partial sums are added in Python's fixed order (the same bits from
+  // C++ and Python) in one launch with the division, instead of ATen's reduction order
+  // and a separate divide.  Checked before the pass is launched.
+  at::Tensor total;
+  std::vector<aot::Arg> finish_args;
+  if (mode == kLossSum) {
+    total = at::empty({}, x.options());
+    const double divisor = reduction == "mean" ? static_cast<double>(numel) : 1.0;
+    finish_args = {aot::Arg::tensor(out), aot::Arg::tensor(total), aot::Arg::i32(static_cast<int32_t>(programs)),
+                   aot::Arg::f64(divisor)};
+    aot::check_launch(kOp, finish_variant(type), finish_args);
+  }
+  if (programs > 0) {
+    // No radius: HAS_RADIUS with radius2 = inf (one variant, the same values).
+    const double radius2 = spec.radius ? *spec.radius * *spec.radius : std::numeric_limits<double>::infinity();
+    const double grad_scale = reduction == "mean" ? 1.0 / static_cast<double>(numel) : 1.0;
+    aot::launch(x.device(), kOp, variant, {static_cast<uint32_t>(programs), 1, 1},
                 {aot::Arg::tensor(x), aot::Arg::tensor(t), aot::Arg::tensor(data), aot::Arg::tensor(g_out),
-                 aot::Arg::tensor(out), aot::Arg::i64(inner), aot::Arg::i32(static_cast<int32_t>(width)),
-                 aot::Arg::f32(static_cast<float>(r)), aot::Arg::f32(static_cast<float>(0.5 / (spec.sigma * spec.sigma))),
-                 aot::Arg::f32(static_cast<float>(radius2)), aot::Arg::f32(static_cast<float>(grad_scale))});
+                 aot::Arg::tensor(out), aot::Arg::i64(inner), aot::Arg::i32(static_cast<int32_t>(chunks_per_row)),
+                 aot::Arg::i32(static_cast<int32_t>(width)), aot::Arg::f64(r),
+                 aot::Arg::f64(1.0 / (2.0 * spec.sigma * spec.sigma)), aot::Arg::f64(radius2),
+                 aot::Arg::f64(grad_scale)});
   }
   if (mode == kLossSum) {
-    auto total = out.sum();
-    if (reduction == "mean") total = total / static_cast<double>(numel);
+    aot::launch(x.device(), kOp, finish_variant(type), {1, 1, 1}, finish_args);
     return total.to(logits.scalar_type());
   }
   return out.view(logits.sizes()).to(logits.scalar_type());

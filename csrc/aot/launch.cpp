@@ -169,15 +169,19 @@ void check_args(const KernelImage& image, const std::vector<Arg>& args) {
               "): update csrc/aot/ to the kernel's signature");
 }
 
+void check_launch(const char* op, const std::string& variant, const std::vector<Arg>& args) {
+  check_args(*images_of(op, variant).front(), args);
+  for (const Arg& a : args) {
+    TORCH_CHECK(a.type[0] != '*' || a.value.ptr % 16 == 0, "coorkern: ", op, ": pointer arguments must be 16-byte aligned");
+  }
+}
+
 void launch(const at::Device& device, const char* op, const std::string& variant, std::array<uint32_t, 3> grid,
             const std::vector<Arg>& args) {
   // Checked before the device, so that a call with CPU tensors (python_tests, no GPU)
   // validates the variant and the arguments of every launch.
+  check_launch(op, variant, args);
   const auto images = images_of(op, variant);
-  check_args(*images.front(), args);
-  for (const Arg& a : args) {
-    TORCH_CHECK(a.type[0] != '*' || a.value.ptr % 16 == 0, "coorkern: ", op, ": pointer arguments must be 16-byte aligned");
-  }
   TORCH_CHECK(device.is_cuda(), "coorkern: ahead-of-time CUDA kernels need CUDA tensors, got ", device);
   if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return;
   const Driver& d = driver();
