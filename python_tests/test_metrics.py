@@ -86,3 +86,11 @@ def test_baseline_and_table():
     m = metrics.landmark_metrics(torch.tensor([[1.0]]), (2.0,), unit="px")
     table = metrics.format_table(m, m, per_landmark=True)
     assert "baseline" in table and "SDR 2px" in table and "landmark 0" in table
+
+
+def test_baseline_ignores_missing_landmarks():
+    nan = float("nan")
+    train = torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[2.0, 4.0], [nan, nan]], [[4.0, 2.0], [3.0, 5.0]]])
+    baseline = metrics.mean_shape_baseline(train)
+    assert baseline.dtype == torch.float32
+    assert baseline.tolist() == [[2.0, 2.0], [2.0, 3.0]]
