@@ -72,7 +72,10 @@ def results(where: Path) -> dict:
 
 
 def _env() -> dict:
-    return dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    # One intra-op thread: mutmut forks its workers from a process that has run the tests, and a
+    # child forked after OpenMP started its thread pool hangs in the next parallel op.
+    return dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1")
 
 
 def run(name: str, spec: dict, children: int) -> dict:
