@@ -4,8 +4,9 @@ For each module of ``[tool.coorkern.mutation]`` in pyproject.toml (default: all)
 of the package and its test subset under ``.mutation/<module>/`` (the C extension included),
 runs ``mutmut run`` there (mutmut >= 3; Triton kernels through the interpreter), and prints
 the killed/survived counts.  The table in bench/MUTATION.md between the ``generated`` markers
-is rewritten; the rest of the file (the judged survivors) is kept.  The staged copies keep
-mutmut's cache, so a rerun only tests what changed.  ``--survivors`` lists the survivors.
+is rewritten; the rest of the file (the judged survivors) is kept.  Each run starts from a
+fresh mutmut cache (mutmut keeps a survivor's verdict when only the tests change);
+``--keep-cache`` reuses it.  ``--survivors`` lists the survivors.
 
 Run it niced in the background on a shared machine, e.g. ``nice -n 15 python bench/mutation.py metrics``.
 """
@@ -35,12 +36,14 @@ def _toml_list(values) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
-def stage(name: str, spec: dict) -> tuple[Path, str]:
+def stage(name: str, spec: dict, keep_cache: bool = False) -> tuple[Path, str]:
     """A copy of the package and tests with a [tool.mutmut] for this module only."""
     path = next((p for p in spec["paths"] if (ROOT / p).is_file()), None)
     if path is None:
         raise SystemExit(f"{name}: none of {spec['paths']} exists")
     where = ROOT / ".mutation" / name
+    if not keep_cache:
+        shutil.rmtree(where / "mutants", ignore_errors=True)
     where.mkdir(parents=True, exist_ok=True)
     for folder in ("coorkern", "python_tests"):
         # Refresh the sources but keep mutmut's mutants/ cache next to them.
@@ -78,8 +81,8 @@ def _env() -> dict:
                 MKL_NUM_THREADS="1")
 
 
-def run(name: str, spec: dict, children: int) -> dict:
-    where, path = stage(name, spec)
+def run(name: str, spec: dict, children: int, keep_cache: bool = False) -> dict:
+    where, path = stage(name, spec, keep_cache)
     start = time.time()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *spec.get("only", [])]
     proc = subprocess.run(cmd, cwd=where, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -122,12 +125,13 @@ def main(argv=None) -> None:
     parser.add_argument("modules", nargs="*", help=f"modules to run (default all): {', '.join(known)}")
     parser.add_argument("--children", type=int, default=2, help="parallel mutant workers")
     parser.add_argument("--survivors", action="store_true", help="print the surviving mutants")
+    parser.add_argument("--keep-cache", action="store_true", help="reuse mutmut's verdicts from the last run")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in known]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; configured: {', '.join(known)}")
     for name in args.modules or list(known):
-        row = run(name, known[name], args.children)
+        row = run(name, known[name], args.children, args.keep_cache)
         (ROOT / ".mutation" / name / "result.json").write_text(json.dumps(row, indent=1))
         print(f"{name:15s} {row['path']:32s} tested {row['tested']:4d}  score {row['score']:5.1f}%  "
               f"survived {row['counts'].get('survived', 0):3d}  ({row['minutes']:.1f} min)", flush=True)
