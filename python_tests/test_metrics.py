@@ -187,3 +187,10 @@ def test_format_table_layout():
         "  landmark 0              1.500  0.500    100.00%",
         "  landmark 1              4.500  1.500      0.00%",
     ]
+
+
+def test_radial_errors_moves_the_spacing_to_the_predictions_device():
+    """Spacing from a CPU data loader, predictions elsewhere (the meta device stands in for a GPU)."""
+    pred = torch.zeros(2, 3, 2, device="meta")
+    errors = metrics.radial_errors(pred, torch.zeros(2, 3, 2, device="meta"), torch.ones(2, 2))
+    assert errors.shape == (2, 3) and errors.device.type == "meta"
