@@ -66,6 +66,7 @@ def test_draws_cover_both_sides_of_each_range():
     for values, bound in ((np.subtract(scales, 1), 0.1), (angles, 20.0), (shifts_x, 0.1), (shifts_y, 0.1)):
         assert max(values) <= bound + 1e-4 and min(values) >= -bound - 1e-4
         assert max(values) > 0.3 * bound and min(values) < -0.3 * bound  # both directions, a good part of the range
+    assert any(x * y < 0 for x, y in zip(shifts_x, shifts_y))  # x and y drawn independently
 
 
 def test_gamma_is_drawn_on_both_sides_of_one():
@@ -144,6 +145,7 @@ def test_cache_keeps_its_own_copy_and_is_off_by_default(tmp_path):
     recs = records(tmp_path, 1)
     cached, uncached = LandmarkDataset(recs, (H, W), cache=True), LandmarkDataset(recs, (H, W))
     before = cached[0]["image"].clone()
+    assert torch.equal(uncached[0]["image"], before)
     cached[0]["image"].zero_()  # the caller's copies: the cache keeps its own
     cached[0]["image"].zero_()
     PIL.fromarray(np.full((H, W), 7, dtype=np.uint8)).save(recs[0].image_path)  # the file changes
