@@ -58,3 +58,25 @@ def test_losses_differ_from_each_other():
     """The hand values themselves tell the losses apart (so a swapped branch fails)."""
     values = [hand_loss(kind) for kind in ("bce", "wbce", "focal", "central")]
     assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1:]) > 1e-2
+
+
+@pytest.mark.parametrize("r", [0.5, 1.0, 3.0])
+def test_central_loss_exponent_is_passed_on(r):
+    value = compute_loss("central", torch.tensor(LOGITS)[None, None], torch.tensor([[LANDMARK]]), sigma=SIGMA, r=r)
+    assert float(value) == pytest.approx(hand_loss("central", r=r), rel=1e-5)
+
+
+def test_float64_logits_and_bad_arguments():
+    from coorkern import losses
+
+    logits = torch.tensor(LOGITS, dtype=torch.float64)[None, None]
+    landmarks = torch.tensor([[LANDMARK]])  # float32: the targets take the logits' dtype
+    for name, fn in (("bce", losses.bce_loss), ("wbce", losses.weighted_bce_loss), ("focal", losses.focal_loss)):
+        value = fn(logits, landmarks, SIGMA)
+        assert value.dtype == torch.float64 and float(value) == pytest.approx(hand_loss(name), rel=1e-6)
+    with pytest.raises(ValueError, match="^kind must be one of"):
+        compute_loss("mse", logits, landmarks, sigma=SIGMA)
+    with pytest.raises(TypeError, match="^logits must be a torch.Tensor"):
+        compute_loss("bce", LOGITS, landmarks, sigma=SIGMA)
+    with pytest.raises(ValueError, match=r"^logits must have shape \(B, L, H, W\) \(4-D\)"):
+        compute_loss("bce", logits[0], landmarks, sigma=SIGMA)
