@@ -9,7 +9,8 @@ Public API:
 * :func:`coor_attention`, :class:`CoorAttention` -- coordinate-indexed attention
   (bilinear sampling at learned coordinates fused with flash attention);
 * :func:`backend` -- force the implementation (``triton``/``cpp``/``reference``);
-* :mod:`coorkern.reference` -- eager PyTorch oracles for every op.
+* :mod:`coorkern.reference` -- eager PyTorch oracles for every op;
+* :func:`cmake_prefix_path` -- for ``find_package(coorkern)`` in C++ projects.
 
 Submodules: :mod:`coorkern.models` (the detector), :mod:`coorkern.export` (ONNX),
 :mod:`coorkern.data`, :mod:`coorkern.metrics`, :mod:`coorkern.conformal` (uncertainty
@@ -21,10 +22,13 @@ Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C+
 
 from . import reference
 from ._backend import BACKENDS, BackendUnavailableError, backend
-from ._extension import cpp_available
+from ._extension import cmake_prefix_path, cpp_available
+from ._library import python_cuda_kernels_take_over
+
+with python_cuda_kernels_take_over():
+    from .ops.central_loss import CentralLoss, central_loss, central_loss_from_landmarks
+    from .ops.coor_attention import CoorAttention, coor_attention
 from .losses import heatmap_loss
-from .ops.central_loss import CentralLoss, central_loss, central_loss_from_landmarks
-from .ops.coor_attention import CoorAttention, coor_attention
 
 __version__ = "0.1.0"
 
@@ -36,6 +40,7 @@ __all__ = [
     "backend",
     "central_loss",
     "central_loss_from_landmarks",
+    "cmake_prefix_path",
     "coor_attention",
     "cpp_available",
     "heatmap_loss",

@@ -4,15 +4,17 @@ Schemas are defined once in C++ (``csrc/``, ``TORCH_LIBRARY_FRAGMENT(coorkern)``
 together with the CPU kernels, so libtorch projects can call them through the
 dispatcher.  Python adds what C++ callers do not need to provide themselves: the
 CUDA (Triton) kernels, the fake (meta) kernels for ``torch.compile`` and the
-autograd formulas.  When the C++ extension is unavailable the same schemas are
+autograd formulas.  The C++ library may also hold CUDA kernels (Triton compiled ahead of
+time, for libtorch programs); the Python (JIT) CUDA kernels replace them on import, on
+purpose (:func:`python_cuda_kernels_take_over`).  When the C++ extension is unavailable the same schemas are
 defined here and the CPU kernels are the eager reference.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
+import contextlib
 import warnings
+from typing import Callable, Iterator
 
 import torch
 
@@ -42,3 +44,20 @@ def define_op(schema: str, cpu_fallback: Callable) -> torch._ops.OpOverload:
         _python_lib.define(schema)
         _python_lib.impl(name, cpu_fallback, "CPU")
     return getattr(namespace, name).default
+
+
+@contextlib.contextmanager
+def python_cuda_kernels_take_over() -> Iterator[None]:
+    """Register the op modules' CUDA kernels over the C++ library's ahead-of-time ones.
+
+    From Python the JIT path wins: it specializes on every dtype and r, tunes launch
+    configurations per GPU and runs on any arch Triton supports, while the C++ set is
+    fixed at build time (sm_80/sm_90, float32/float64).  The dispatcher warns when a
+    kernel is replaced; that warning is silenced for coorkern's CUDA kernels only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"(?s).*Overriding a previously registered kernel.*operator: coorkern::.*dispatch key: CUDA\n",
+            category=UserWarning,
+        )
+        yield

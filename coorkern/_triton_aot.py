@@ -66,7 +66,10 @@ def _raw_function(fn: Any) -> Any:
     return fn
 
 
-def _compile_in_process(req: CompileRequest) -> KernelReport:
+def compile_binary(req: CompileRequest) -> Any:
+    """``triton.compile`` the request in this process (no interpreter): the CompiledKernel,
+    whose ``asm["cubin"]``/``asm["ptx"]`` and ``metadata`` (name, shared, num_warps) an
+    ahead-of-time build embeds (see ``coorkern._aot_codegen``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -77,11 +80,15 @@ def _compile_in_process(req: CompileRequest) -> KernelReport:
         kernel = kernel.fn
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in req.divisible}
     source = ASTSource(fn=kernel, signature=dict(req.signature), constexprs=dict(req.constexprs), attrs=attrs)
-    compiled = triton.compile(
+    return triton.compile(
         source,
         target=GPUTarget("cuda", req.arch, 32),
         options={"num_warps": req.num_warps, "num_stages": req.num_stages},
     )
+
+
+def _compile_in_process(req: CompileRequest) -> KernelReport:
+    compiled = compile_binary(req)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
