@@ -42,6 +42,7 @@ from . import metrics
 from ._runs import (HelpFormatter, atomic_write_bytes, build_model, description, load_checkpoint,
                     save_checkpoint, set_rng_state, write_json)
 from .evaluate import autocast, device_or_error, evaluate_predictions, run_inference, write_overlays
+from .models import TRANSFORMER_KINDS
 from .ops.central_loss import central_loss_from_landmarks
 from .reference import gaussian_heatmaps
 
@@ -112,7 +113,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--workers", type=int, default=0, help="DataLoader worker processes")
 
     g = p.add_argument_group("model")
-    add("--transformer", choices=("coor", "vanilla", "none"), default="coor", help="attention in the decoder")
+    add("--transformer", choices=TRANSFORMER_KINDS, default="coor",
+        help="attention in the decoder: the paper's coor, or a Table IV baseline")
     add("--base-channels", type=_positive_int, help="width of the first level (paper 64; default 8 on CPU)")
     add("--depths", type=int, nargs=4, default=[1, 1, 1, 1], help="transformer blocks per decoder stage")
     add("--heads", type=_positive_int, nargs=4, default=[8, 4, 2, 1], help="attention heads per decoder stage")
