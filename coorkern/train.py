@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data as data_mod
-from . import metrics
+from . import metrics, profiles
 from ._runs import (HelpFormatter, atomic_write_bytes, build_model, description, load_checkpoint,
                     save_checkpoint, set_rng_state, write_json)
 from .evaluate import autocast, device_or_error, evaluate_predictions, run_inference, write_overlays
@@ -122,6 +122,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--head-bias", type=float, default=-4.0, help="initial bias of the heatmap logits (prior ~ sigmoid(bias))")
 
     g = p.add_argument_group("optimization")
+    add("--profile", choices=profiles.PROFILE_CHOICES, default="auto",
+        help="defaults for the options not given (coorkern.profiles): paper = the paper's configuration, cpu = "
+             "~30 min per real-data run on 2 cores; auto = paper on CUDA, cpu without, for real data")
     add("--epochs", type=_positive_int, help="epochs (default 10 on CPU, 40 on GPU)")
     add("--batch-size", type=_positive_int,
         help="images per step and process (default 8 on CPU, 4 on GPU; the paper: 2)")
@@ -391,6 +394,9 @@ def _main(argv: list) -> dict:
         torch.cuda.set_device(device)
     if dist.active and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    note = profiles.apply_profile(args, explicit, device) if resume_ckpt is None else None
+    if note:
+        _log(dist, note)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     elif device.type == "cpu" and (os.cpu_count() or 1) <= 2:
