@@ -10,7 +10,8 @@ Public API:
 * :mod:`coorkern.reference` -- eager PyTorch oracles for every op.
 
 Submodules: :mod:`coorkern.models` (the detector), :mod:`coorkern.export` (ONNX),
-:mod:`coorkern.data`, :mod:`coorkern.metrics`, and the commands ``coorkern.train``,
+:mod:`coorkern.data`, :mod:`coorkern.metrics`, :mod:`coorkern.profiles` (training
+profiles), and the commands ``coorkern.train``, ``coorkern.experiments`` (the paper's studies),
 ``coorkern.evaluate``, ``coorkern.predict``.
 
 Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C++.
