@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, nargs=2, default=cpu.image_size["isbi2015"])
     p.add_argument("--base-channels", type=int, default=cpu.base_channels)
     p.add_argument("--batch-size", type=int, default=cpu.batch_size)
-    p.add_argument("--epochs", type=int, default=cpu.epochs)
+    p.add_argument("--epochs", type=int, default=cpu.epochs["isbi2015"])
     p.add_argument("--train-images", type=int, default=100, help="ISBI 2015 protocol here: 100 train")
     p.add_argument("--val-images", type=int, default=50, help="... and 50 held out (validated every epoch)")
     p.add_argument("--kinds", nargs="+", default=list(TRANSFORMER_KINDS), choices=TRANSFORMER_KINDS)
