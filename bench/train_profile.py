@@ -7,8 +7,11 @@ Per kind: a few Adam steps of the detector with the central loss on random image
 the profile's size (the cost does not depend on the pixels), then inference on a
 validation-sized batch; the run time is extrapolated as ``epochs x (train images /
 batch x step + validation images x inference per image)``.  Data loading is left out
-(the cpu profile caches the resized images, so it is paid once).  Prints a Markdown
-table; say which machine and how loaded it was next to the numbers.
+(the cpu profile caches the resized images, so it is paid once).  Both the wall time
+and the process CPU time are taken (min over repeats): on a machine shared with other
+jobs the wall time grows with the load, while the CPU time of a 1-thread run stays
+close to what an idle machine's wall time would be.  Prints a Markdown table; say which
+machine and how loaded it was next to the numbers.
 """
 
 from __future__ import annotations
@@ -27,8 +30,20 @@ from coorkern.models import TRANSFORMER_KINDS, CoorDetector  # noqa: E402
 from coorkern.train import compute_loss  # noqa: E402
 
 
-def time_kind(kind: str, image_size, base: int, batch: int, steps: int, repeats: int) -> tuple[float, float]:
-    """(seconds per training step, seconds per validation image), min over ``repeats``."""
+def _timed(fn, count: int, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per call of ``fn``, each the min over ``repeats`` rounds of ``count`` calls."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(count):
+            fn()
+        wall.append((time.perf_counter() - t0) / count)
+        cpu.append((time.process_time() - c0) / count)
+    return min(wall), min(cpu)
+
+
+def time_kind(kind: str, image_size, base: int, batch: int, steps: int, repeats: int) -> dict:
+    """Wall and CPU seconds per training step and per validation image (min over ``repeats``)."""
     torch.manual_seed(0)
     model = CoorDetector(base_channels=base, transformer=kind)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -43,21 +58,12 @@ def time_kind(kind: str, image_size, base: int, batch: int, steps: int, repeats:
 
     model.train()
     step()  # warm-up
-    train_s = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        train_s.append((time.perf_counter() - t0) / steps)
+    step_wall, step_cpu = _timed(step, steps, repeats)
     model.eval()
-    infer_s = []
     with torch.no_grad():
         model(images)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(images)
-            infer_s.append((time.perf_counter() - t0) / batch)
-    return min(train_s), min(infer_s)
+        infer_wall, infer_cpu = _timed(lambda: model(images), 1, repeats)
+    return {"wall": (step_wall, infer_wall / batch), "cpu": (step_cpu, infer_cpu / batch)}
 
 
 def main(argv=None) -> None:
@@ -79,14 +85,15 @@ def main(argv=None) -> None:
     print(f"image {size[0]}x{size[1]}, base {args.base_channels}, batch {args.batch_size}, {args.epochs} epochs of "
           f"{args.train_images} train + {args.val_images} validation images, {args.threads} thread(s), "
           f"torch {torch.__version__}\n")
-    print("| kind | train step (s) | train img/s | inference img/s | extrapolated run (min) |")
-    print("|---|---|---|---|---|")
+    print("| kind | clock | train step (s) | train img/s | inference img/s | extrapolated run (min) |")
+    print("|---|---|---|---|---|---|")
     for kind in args.kinds:
-        step_s, infer_s = time_kind(kind, size, args.base_channels, args.batch_size, args.steps, args.repeats)
-        epoch_s = args.train_images // args.batch_size * step_s + args.val_images * infer_s
-        run_min = (args.epochs * epoch_s + args.val_images * infer_s) / 60
-        print(f"| {kind} | {step_s:.3f} | {args.batch_size / step_s:.1f} | {1 / infer_s:.1f} | {run_min:.1f} |",
-              flush=True)
+        timings = time_kind(kind, size, args.base_channels, args.batch_size, args.steps, args.repeats)
+        for clock, (step_s, infer_s) in timings.items():
+            epoch_s = args.train_images // args.batch_size * step_s + args.val_images * infer_s
+            run_min = (args.epochs * epoch_s + args.val_images * infer_s) / 60
+            print(f"| {kind} | {clock} | {step_s:.3f} | {args.batch_size / step_s:.1f} | {1 / infer_s:.1f} | "
+                  f"{run_min:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

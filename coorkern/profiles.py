@@ -7,8 +7,8 @@
   epoch count; 100 is ours.  The default for real data on a CUDA machine.
 * ``cpu`` -- what trains one real-data run in about half an hour on a 2-core CPU for
   every transformer kind: half the paper's input size, base width 8, batch 4, resized
-  images cached in memory, and about 4,000 training images seen (40 epochs of ISBI
-  2015's 100 training images in ``coorkern.experiments``' protocol; 16 of chest's 229, 7
+  images cached in memory, and about 6,000 training images seen (60 epochs of ISBI
+  2015's 100 training images in ``coorkern.experiments``' protocol; 26 of chest's 229, 10
   of hand's 609); the rest as in ``paper``.  Measured per kind with ``bench/train_profile.py``
   (table in ``bench/EXPERIMENTS.md``).  The default for real data without CUDA.
 * ``auto`` -- ``paper`` on CUDA, ``cpu`` otherwise, for real data; synthetic data keeps
@@ -78,7 +78,7 @@ PROFILES = {
         image_size={"isbi2015": (256, 208), "hand": (256, 192), "chest": (256, 256), "csv": (256, 256),
                     "synthetic": (128, 128)},
         base_channels=8, batch_size=4, data_options={"cache": True},
-        epochs={"isbi2015": 40, "hand": 7, "chest": 16, "csv": 40, "synthetic": 10},
+        epochs={"isbi2015": 60, "hand": 10, "chest": 26, "csv": 60, "synthetic": 10},
     ),
 }
 

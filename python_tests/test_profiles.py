@@ -42,7 +42,7 @@ def test_cpu_profile_is_the_default_for_real_data_without_cuda_and_the_command_l
     assert args.data_option == [("cache", False)]  # not overridden by the profile's cache=True
     args, explicit = parse(["--data", "hand", "--root", "x"])
     profiles.apply_profile(args, explicit, torch.device("cpu"))
-    assert args.data_option == [("cache", True)] and args.image_size == [256, 192] and args.epochs == 7
+    assert args.data_option == [("cache", True)] and args.image_size == [256, 192] and args.epochs == 10
 
 
 def test_synthetic_data_keeps_the_training_commands_defaults():
