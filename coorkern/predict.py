@@ -1,10 +1,11 @@
 """Detect landmarks: ``python -m coorkern.predict --checkpoint PATH IMAGE [IMAGE ...]``.
 
-Prints JSON (one entry per image): landmark ``(x, y)`` in the input image's pixels,
-in mm when the pixel spacing is known (``--spacing``; 0.1 mm for a model trained on
-the ISBI 2015 images; for a hand model, 50 mm between the predicted wrist landmarks, the
-data set's convention), and a confidence per landmark.  Writes an overlay PNG per image
-(``<out>/<stem>_landmarks.png``) and ``<out>/predictions.json``.
+Images: BMP/PNG/JPEG/TIFF, DICOM, MetaImage, NRRD, NIfTI.  Prints JSON (one entry per
+image): landmark ``(x, y)`` in the input image's pixels, in mm when the pixel spacing is
+known (``--spacing``; for a hand model, 50 mm between the predicted wrist landmarks, the
+data set's convention; else the file's header spacing, e.g. DICOM PixelSpacing; else
+0.1 mm for a model trained on the ISBI 2015 images), and a confidence per landmark.
+Writes an overlay PNG per image (``<out>/<stem>_landmarks.png``) and ``<out>/predictions.json``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _hand_spacing(cfg: dict, coords: torch.Tensor):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coorkern.predict", description=description(__doc__),
                                 formatter_class=HelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="BMP/PNG/JPEG/TIFF images")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="BMP/PNG/JPEG/TIFF, DICOM, MHA/MHD, NRRD or NIfTI images")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (uses checkpoint_best.pt)")
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM",
                    help="pixel spacing of the input images in mm (one value, or x y)")
@@ -86,16 +88,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     cfg = ckpt["config"]
-    spacing = args.spacing or ([KNOWN_SPACING[cfg["data"]]] if cfg["data"] in KNOWN_SPACING else None)
+    spacing = args.spacing
     if spacing is not None and len(spacing) == 1:
         spacing = spacing * 2
+    known = [KNOWN_SPACING[cfg["data"]]] * 2 if cfg["data"] in KNOWN_SPACING else None
     device = device_or_error(parser, args.device)
     model = model_from_checkpoint(ckpt, device)
     out = Path(args.out)
     results = []
     for name in args.images:
         try:
-            image = data_mod.read_image(name)
+            image, header_spacing = data_mod.read_image_with_spacing(name)
         except data_mod.DatasetFormatError as exc:
             parser.error(str(exc))
         coords, conf = predict_image(model, image, cfg["image_size"], device, args.amp)
@@ -105,10 +108,16 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
             "landmarks_px": [[round(float(x), 3), round(float(y), 3)] for x, y in coords.tolist()],
             "confidence": [round(float(c), 4) for c in conf.tolist()],
         }
-        image_spacing = spacing or _hand_spacing(cfg, coords)
+        candidates = (  # first known wins; a data set's measured convention (hand) before the header
+            (spacing, "given"),
+            (_hand_spacing(cfg, coords), "wrist width (hand data set) of the predicted landmarks"),
+            (header_spacing, "image header"),
+            (known, f"the {cfg['data']} data set's convention"),
+        )
+        image_spacing, source = next(((s, why) for s, why in candidates if s is not None), (None, None))
         if image_spacing is not None:
             entry["spacing_mm"] = [round(v, 6) for v in image_spacing]
-            entry["spacing_source"] = "given" if spacing else "wrist width (hand data set) of the predicted landmarks"
+            entry["spacing_source"] = source
             entry["landmarks_mm"] = [[round(x * image_spacing[0], 4), round(y * image_spacing[1], 4)]
                                      for x, y in coords.tolist()]
         if not args.no_overlay:

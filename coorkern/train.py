@@ -108,8 +108,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--thresholds", type=_positive_float, nargs="+", help="SDR radii (mm, px without spacing); default per dataset")
     add("--data-option", type=_key_value, action="append", metavar="KEY=VALUE",
         help="extra load_dataset option, repeatable; VALUE is JSON or a string, e.g. annotator=senior "
-             "(isbi2015), wrist_indices=[1,5] or landmark_indices=[0,4,8] (hand), train_fraction=0.9, "
-             "file=my.json (csv)")
+             "(isbi2015), cv_fold=1, wrist_indices=[1,5] or landmark_indices=[0,4,8] (hand), strict=true, "
+             "train_fraction=0.9, file=my.json (csv)")
     add("--workers", type=int, default=0, help="DataLoader worker processes")
 
     g = p.add_argument_group("model")

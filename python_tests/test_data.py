@@ -11,7 +11,15 @@ PIL = pytest.importorskip("PIL.Image")
 
 from coorkern import data  # noqa: E402
 from coorkern.metrics import decode_heatmaps  # noqa: E402
-from format_fixtures import chest_fixture, hand_fixture, isbi_fixture, save_image  # noqa: E402
+from format_fixtures import (  # noqa: E402
+    chest_fixture,
+    hand_fixture,
+    isbi_fixture,
+    isbi_mirror_fixture,
+    save_image,
+    write_dicom,
+    write_itk,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -120,8 +128,11 @@ def test_isbi2015_parsing_resize_spacing_and_splits(tmp_path):
     assert [r.id for r in challenge.records] == ["151"]
     senior = data.load_dataset("isbi2015", tmp_path, "train", image_size=(60, 50), annotator="senior")
     assert torch.allclose(senior[0]["landmarks"], torch.tensor(pts["001"] - np.array([1.0, -1.0])).float())
+    assert [r.id for r in data.load_dataset("isbi2015", tmp_path, "test1", image_size=(30, 40)).records] == ["151"]
     with pytest.raises(ValueError, match="split"):
-        data.load_dataset("isbi2015", tmp_path, "test2")
+        data.load_dataset("isbi2015", tmp_path, "test", protocol="challenge")
+    with pytest.raises(ValueError, match="annotator"):
+        data.load_dataset("isbi2015", tmp_path, "train", annotator="resident")
 
 
 def test_isbi2015_errors_name_file_and_line(tmp_path):
@@ -244,3 +255,185 @@ def test_sixteen_bit_images_are_read_as_unit_range(tmp_path):
     assert image.shape == (1, 3, 4)
     assert float(image.max()) == pytest.approx(55000 / 65535, rel=1e-4)
     assert math.isclose(float(image.min()), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# The layouts people have: ISBI 2015 mirror and Payer's CSVs, hand .mha, csv conventions
+
+
+def test_isbi2015_mirror_layout_senior_only(tmp_path, capsys):
+    pts = isbi_mirror_fixture(tmp_path, ids=(2, 1, 3))  # rows out of order
+    ds = data.load_dataset("isbi2015", tmp_path, "train", image_size=(30, 40))
+    assert "annotator='senior'" in capsys.readouterr().err  # the one note: no junior annotations
+    assert [r.id for r in ds.records] == ["001", "002", "003"]
+    assert ds.records[0].image_path == tmp_path / "cepha400" / "001.jpg"
+    expected = (torch.tensor(pts["001"]) + 0.5) * torch.tensor([40 / 50, 30 / 60]) - 0.5
+    assert torch.allclose(ds[0]["landmarks"], expected.float(), atol=1e-5)
+    assert torch.allclose(ds.all_landmarks()[0], expected.float(), atol=1e-5)
+    assert ds[0]["spacing"].tolist() == pytest.approx([0.1 * 50 / 40, 0.1 * 60 / 30])
+    # test1_senior.csv annotates image 151, which this copy lacks: an error that says so.
+    with pytest.raises(data.DatasetFormatError, match=r"none of the 1 annotated images of isbi2015 split 'test1'"):
+        data.load_dataset("isbi2015", tmp_path, "test1")
+    with pytest.raises(data.DatasetFormatError, match="needs the junior annotations"):
+        data.load_dataset("isbi2015", tmp_path, "train", annotator="mean")
+    (tmp_path / "cepha400" / "002.jpg").unlink()  # one annotated image missing: skipped with a warning
+    with pytest.warns(UserWarning, match=r"1 annotated image\(s\) not found .*\(002\)"):
+        assert [r.id for r in data.load_dataset("isbi2015", tmp_path, "train").records] == ["001", "003"]
+    with pytest.raises(data.DatasetFormatError, match=r"\(002\); strict=True"):
+        data.load_dataset("isbi2015", tmp_path, "train", strict=True)
+
+
+def test_isbi2015_payer_csv_in_mm_mean_and_annotations_path(tmp_path):
+    pts = isbi_mirror_fixture(tmp_path, junior=True)
+    ds = data.load_dataset("isbi2015", tmp_path, "train", image_size=(60, 50))  # both doctors: mean by default
+    junior = data.load_dataset("isbi2015", tmp_path, "train", image_size=(60, 50), annotator="junior")
+    senior = data.load_dataset("isbi2015", tmp_path, "train", image_size=(60, 50), annotator="senior")
+    np.testing.assert_array_equal(junior.records[0].landmarks, pts["001"] + [2.0, -2.0])  # mm * 10, exactly
+    np.testing.assert_array_equal(senior.records[0].landmarks, pts["001"])
+    for m, s, j in zip(ds.records, senior.records, junior.records):
+        np.testing.assert_array_equal(m.landmarks, (s.landmarks + j.landmarks) / 2)
+    assert "all_junior.csv, line 2" in ds.records[0].source and "train_senior.csv, line 3" in ds.records[0].source
+    with pytest.raises(data.DatasetFormatError, match="needs the challenge annotations"):
+        data.load_dataset("isbi2015", tmp_path, "train", annotator="challenge")
+    # Payer's all_challenge.csv elsewhere, given with annotations=PATH.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "payer" / "all_junior.csv").rename(elsewhere / "all_challenge.csv")
+    challenge = data.load_dataset("isbi2015", tmp_path, "train", annotator="challenge",
+                                  annotations=elsewhere / "all_challenge.csv")
+    np.testing.assert_array_equal(challenge.records[2].landmarks, pts["003"] + [2.0, -2.0])
+    (elsewhere / "all_challenge.csv").write_text("001," + ",".join(["500"] * 38) + "\n")  # pixels without header
+    with pytest.raises(data.DatasetFormatError, match=r"all_challenge\.csv, line 1: .*millimetres"):
+        data.load_dataset("isbi2015", tmp_path, "train", annotator="challenge", annotations=elsewhere)
+    (elsewhere / "all_challenge.csv").write_text("001,1,2\n")
+    with pytest.raises(data.DatasetFormatError, match=r"all_challenge\.csv, line 1: expected 39 columns"):
+        data.load_dataset("isbi2015", tmp_path, "train", annotator="challenge", annotations=elsewhere)
+
+
+def test_isbi2015_layout_not_found_lists_what_was_looked_for(tmp_path):
+    save_image(tmp_path / "cepha400" / "001.jpg", 20, 10)
+    with pytest.raises(data.DatasetFormatError, match=r"AnnotationsByMD.*_senior\.csv.*all_senior\.csv"):
+        data.load_dataset("isbi2015", tmp_path)
+    (tmp_path / "train_senior.csv").write_text("image_path,1_x,1_y\n001.jpg,1,2\n")
+    with pytest.raises(data.DatasetFormatError, match=r"train_senior\.csv, line 1: expected 19 landmarks"):
+        data.load_dataset("isbi2015", tmp_path)
+
+
+def test_hand_mha_cv_folds_missing_images_and_wrist_spacing(tmp_path):
+    hand_fixture(tmp_path, n=4, suffix=".mha")
+    (tmp_path / "images" / "1003.mha").unlink()  # a row of all.csv without its image, as in a full download
+    for fold, train, test in ((1, ["1002", "1000"], ["1001", "1003"]), (2, ["1001"], ["1000"])):
+        folder = tmp_path / "setup" / "cv" / f"set{fold}"
+        folder.mkdir(parents=True)
+        (folder / "train.txt").write_text("\n".join(train) + "\n")
+        (folder / "test.txt").write_text("\n".join(test) + "\n")
+    ds = data.load_dataset("hand", tmp_path, "train", image_size=(20, 15), cv_fold=1)
+    assert [r.id for r in ds.records] == ["1002", "1000"]  # the list's order
+    item = ds[1]
+    assert item["image"].shape == (1, 20, 15)
+    # The wrist width (50 mm over 5 px) wins over the .mha header's 0.1 mm spacing.
+    assert item["spacing"].tolist() == pytest.approx([20.0, 20.0])
+    with pytest.warns(UserWarning, match=r"hand: 1 annotated image\(s\) not found .*\(1003\)"):
+        assert [r.id for r in data.load_dataset("hand", tmp_path, "test", cv_fold=1).records] == ["1001"]
+    with pytest.raises(data.DatasetFormatError, match=r"\(1003\); strict=True"):
+        data.load_dataset("hand", tmp_path, "test", cv_fold=1, strict=True)
+    assert [r.id for r in data.load_dataset("hand", tmp_path, "test", cv_fold=2).records] == ["1000"]
+    with pytest.raises(ValueError, match=r"must be one of \['test', 'train'\]"):
+        data.load_dataset("hand", tmp_path, "val", cv_fold=2)
+    with pytest.raises(data.DatasetFormatError, match=r"cv/set3 not found"):
+        data.load_dataset("hand", tmp_path, "train", cv_fold=3)
+    (tmp_path / "setup" / "cv" / "set2" / "test.txt").write_text("1000\n4242\n")
+    with pytest.raises(data.DatasetFormatError, match=r"test\.txt: 1 id\(s\) not in .*all\.csv \(first: '4242'\)"):
+        data.load_dataset("hand", tmp_path, "test", cv_fold=2)
+
+
+@pytest.mark.parametrize("columns, values", [
+    ("x0,y0,x1,y1", "1,2,3,4"), ("x1,y1,x2,y2", "1,2,3,4"), ("1_x,1_y,2_x,2_y", "1,2,3,4"),
+    ("X_1,Y_1,X_2,Y_2", "1,2,3,4"), ("y1,y2,x1,x2", "2,4,1,3"),
+])
+def test_generic_csv_header_conventions(tmp_path, columns, values):
+    save_image(tmp_path / "img" / "a.png", 20, 10)
+    (tmp_path / "landmarks.csv").write_text(f"split,file,{columns}\ntrain,img/a.png,{values}\n")
+    ds = data.load_dataset("csv", tmp_path, "train", image_size=(20, 10))
+    assert ds.records[0].landmarks.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_generic_csv_finds_images_by_name_and_reads_dicom_spacing(tmp_path):
+    raw = np.arange(24, dtype=np.uint16).reshape(4, 6) * 1000
+    write_dicom(tmp_path / "scans" / "a.dcm", raw, pixel_spacing=(0.2, 0.3))  # rows 0.2 mm, columns 0.3 mm
+    write_dicom(tmp_path / "scans" / "b", raw)  # extension-less, no spacing
+    (tmp_path / "landmarks.csv").write_text("image_path,1_x,1_y\na.dcm,1,2\nscans/b,1,1\n")
+    ds = data.load_dataset("csv", tmp_path / "landmarks.csv", "all", image_size=(8, 12))
+    assert ds.records[0].image_path == tmp_path / "scans" / "a.dcm"  # found by name under the csv's folder
+    assert ds[0]["spacing"].tolist() == pytest.approx([0.3 / 2, 0.2 / 2])  # header spacing, (x, y), resized
+    assert torch.isnan(ds[1]["spacing"]).all()
+    assert ds.all_landmarks()[0].tolist() == [[2.5, 4.5]]
+    (tmp_path / "landmarks.csv").write_text("image_path,1_x,1_y,spacing\na.dcm,1,2,0.5\n")  # the csv's spacing wins
+    assert data.load_dataset("csv", tmp_path, "all", image_size=(8, 12))[0]["spacing"].tolist() == [0.25, 0.25]
+    (tmp_path / "landmarks.csv").write_text("image_path,1_x,2_y\na.dcm,1,2\n")
+    with pytest.raises(data.DatasetFormatError, match=r"landmarks\.csv, line 1: landmark 1 has only one"):
+        data.load_dataset("csv", tmp_path, "all")
+    (tmp_path / "landmarks.csv").write_text("image_path,a,b\na.dcm,1,2\n")
+    with pytest.raises(data.DatasetFormatError, match=r"landmarks\.csv, line 1: expected landmark columns"):
+        data.load_dataset("csv", tmp_path, "all")
+
+
+# ---------------------------------------------------------------------------
+# Medical image formats (SimpleITK) and bad files
+
+
+def test_dicom_rescale_monochrome_and_spacing(tmp_path):
+    raw = np.array([[0, 1000, 2000], [30000, 40000, 65535]], dtype=np.uint16)
+    write_dicom(tmp_path / "m2.dcm", raw, slope=2.0, intercept=-100.0, pixel_spacing=(0.2, 0.3))
+    image, spacing = data.read_image_with_spacing(tmp_path / "m2.dcm")
+    assert image.shape == (1, 2, 3) and image.dtype == torch.float32
+    # RescaleSlope/Intercept applied, 16-bit range kept (not squeezed to 8 bits).
+    assert image[0].tolist() == (raw.astype(np.float64) * 2 - 100).tolist()
+    assert spacing == pytest.approx((0.3, 0.2))  # PixelSpacing lists (row, column): returned as (x, y)
+    # MONOCHROME1 (high = dark) is inverted, so bright means dense as in every other format.
+    write_dicom(tmp_path / "m1", raw, photometric="MONOCHROME1", slope=2.0, intercept=-100.0,
+                imager_pixel_spacing=(0.15, 0.15))
+    inverted, spacing = data.read_image_with_spacing(tmp_path / "m1")  # no extension: found by the DICM preamble
+    assert torch.equal(inverted[0] - inverted[0, 0, 0], -2 * torch.from_numpy(raw.astype(np.float32)))
+    assert spacing == pytest.approx((0.15, 0.15))  # ImagerPixelSpacing when PixelSpacing is absent
+    write_dicom(tmp_path / "none.dcm", raw)
+    assert data.read_image_with_spacing(tmp_path / "none.dcm")[1] is None
+    assert data.image_size_of(tmp_path / "m1") == (2, 3)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd", ".nii.gz"])
+def test_itk_formats_read_with_spacing(tmp_path, suffix):
+    array = (np.arange(12).reshape(3, 4) * 5000).astype(np.uint16)
+    write_itk(tmp_path / f"x{suffix}", array, spacing=(0.5, 0.25))
+    image, spacing = data.read_image_with_spacing(tmp_path / f"x{suffix}")
+    assert image[0].tolist() == array.astype(np.float32).tolist()
+    assert spacing == pytest.approx((0.5, 0.25))
+    assert data.image_size_of(tmp_path / f"x{suffix}") == (3, 4)
+    write_itk(tmp_path / f"y{suffix}", array[None].astype(np.uint8), spacing=(0.5, 0.25))  # one slice, 8 bit
+    assert data.read_image(tmp_path / f"y{suffix}")[0].tolist() == (array.astype(np.uint8) / 255).astype(
+        np.float32).tolist()
+
+
+def test_metaimage_without_spacing_has_none(tmp_path):
+    header = "ObjectType = Image\nNDims = 2\nDimSize = 2 1\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n"
+    (tmp_path / "x.mha").write_bytes(header.encode() + bytes([0, 255]))
+    image, spacing = data.read_image_with_spacing(tmp_path / "x.mha")
+    assert image[0].tolist() == [[0.0, 1.0]] and spacing is None
+
+
+def test_bad_image_files_name_the_file(tmp_path):
+    save_image(tmp_path / "ok.jpg", 64, 64)
+    jpeg = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    write_itk(tmp_path / "ok.mha", np.zeros((3, 4), np.uint16))
+    (tmp_path / "short.mha").write_bytes((tmp_path / "ok.mha").read_bytes()[:-5])
+    write_itk(tmp_path / "volume.mha", np.zeros((2, 3, 4), np.uint8))
+    write_dicom(tmp_path / "nopixels.dcm", np.zeros((3, 4)), pixels=False)
+    (tmp_path / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 50)
+    (tmp_path / "garbage").write_bytes(b"neither an image nor DICOM")
+    cases = {"truncated.jpg": "cannot read image", "short.mha": "cannot read image",
+             "volume.mha": "expected a 2-D image", "nopixels.dcm": "cannot read image",
+             "garbage.dcm": "cannot read image", "garbage": "cannot read image", "gone.nrrd": "image file not found"}
+    for name, message in cases.items():
+        with pytest.raises(data.DatasetFormatError, match=rf"{name}: {message}"):
+            data.read_image(tmp_path / name)
