@@ -7,6 +7,7 @@ The study trains real (tiny: 64x64, base width 2, 2 epochs, 8 training images) r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,28 @@ def test_bad_arguments_give_clear_errors(bad, message, capsys, tmp_path):
         experiments.main(bad + ["--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+REALDATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "realdata"
+
+
+@pytest.mark.skipif(not (REALDATA / "isbi2015").is_dir(), reason="no ../shared/realdata/isbi2015 next to the repository")
+def test_isbi2015_holdout_split_of_the_150_training_images(tmp_path):
+    from coorkern import data
+
+    args = experiments.build_parser().parse_args(["--study", "loss", "--data", "isbi2015", "--root",
+                                                  str(REALDATA / "isbi2015"), "--profile", "cpu", "--out",
+                                                  str(tmp_path)])
+    common = experiments._common_train_args(args)
+    table = tmp_path / "isbi2015_holdout.csv"
+    assert common[:7] == ["--profile", "cpu", "--data", "csv", "--root", str(table), "--image-size"]
+    assert common[7:9] == ["256", "208"]
+    train_set = data.load_dataset("csv", table, "train", (256, 208))
+    test_set = data.load_dataset("csv", table, "test", (256, 208))
+    assert [r.id for r in train_set.records] == [f"{i:03d}" for i in range(1, 101)]
+    assert [r.id for r in test_set.records] == [f"{i:03d}" for i in range(101, 151)]
+    # The same landmarks (and 0.1 mm spacing) as the isbi2015 loader gives for those images.
+    loader = data.load_dataset("isbi2015", REALDATA / "isbi2015", "train", (256, 208), ids=[1, 150]).records
+    for ours, theirs in zip([train_set.records[0], test_set.records[-1]], loader):
+        assert ours.image_path == Path(theirs.image_path).resolve()
+        assert abs(ours.landmarks - theirs.landmarks).max() < 1e-3 and tuple(ours.spacing) == (0.1, 0.1)
