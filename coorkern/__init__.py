@@ -4,15 +4,18 @@ Public API:
 
 * :func:`central_loss`, :func:`central_loss_from_landmarks`, :class:`CentralLoss`
   -- the position- and sample-aware central loss, fused forward/backward;
+* :func:`heatmap_loss` -- the central loss or a baseline of the paper's Table II
+  (BCE, weighted BCE, focal) by name, from :mod:`coorkern.losses`;
 * :func:`coor_attention`, :class:`CoorAttention` -- coordinate-indexed attention
   (bilinear sampling at learned coordinates fused with flash attention);
 * :func:`backend` -- force the implementation (``triton``/``cpp``/``reference``);
 * :mod:`coorkern.reference` -- eager PyTorch oracles for every op.
 
 Submodules: :mod:`coorkern.models` (the detector), :mod:`coorkern.export` (ONNX),
-:mod:`coorkern.data`, :mod:`coorkern.metrics`, :mod:`coorkern.profiles` (training
-profiles), and the commands ``coorkern.train``, ``coorkern.experiments`` (the paper's studies),
-``coorkern.evaluate``, ``coorkern.predict``.
+:mod:`coorkern.data`, :mod:`coorkern.metrics`, :mod:`coorkern.conformal` (uncertainty
+radii), :mod:`coorkern.plots`, :mod:`coorkern.profiles` (training profiles), and the
+commands of the ``coorkern`` console script (:mod:`coorkern.cli`): ``train``, ``evaluate``,
+``predict``, ``export``, ``info``; ``python -m coorkern.experiments`` runs the paper's studies.
 
 Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C++.
 """
@@ -20,6 +23,7 @@ Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C+
 from . import reference
 from ._backend import BACKENDS, BackendUnavailableError, backend
 from ._extension import cpp_available
+from .losses import heatmap_loss
 from .ops.central_loss import CentralLoss, central_loss, central_loss_from_landmarks
 from .ops.coor_attention import CoorAttention, coor_attention
 
@@ -35,5 +39,6 @@ __all__ = [
     "central_loss_from_landmarks",
     "coor_attention",
     "cpp_available",
+    "heatmap_loss",
     "reference",
 ]

@@ -1,9 +1,10 @@
-"""Run-folder helpers shared by train/evaluate/predict: atomic files, checkpoints, overlays."""
+"""Helpers shared by the commands: atomic files, checkpoints, overlays, argparse types and help."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import tempfile
@@ -18,9 +19,13 @@ __all__ = [
     "write_json",
     "save_checkpoint",
     "load_checkpoint",
+    "load_best_checkpoint",
+    "best_checkpoint_or_error",
     "rng_state",
     "set_rng_state",
     "save_overlay",
+    "render_overlay",
+    "update_checkpoint",
     "build_model",
 ]
 
@@ -81,6 +86,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+_INVOCATION = {"console_script": False}  # set by coorkern.cli while it runs a subcommand
+
+
+def prog(command: str) -> str:
+    """The command name for ``--help``: ``coorkern <command>`` under the console script, else ``python -m``."""
+    return f"coorkern {command}" if _INVOCATION["console_script"] else f"python -m coorkern.{command}"
 
 
 def description(doc: str) -> str:
@@ -166,6 +195,29 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
+def load_best_checkpoint(path, map_location="cpu") -> dict:
+    """:func:`load_checkpoint`, taking ``checkpoint_best.pt`` from a run folder (the model to use, with its radii)."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoint_best.pt").is_file():
+        path = path / "checkpoint_best.pt"
+    return load_checkpoint(path, map_location)
+
+
+def best_checkpoint_or_error(parser: argparse.ArgumentParser, path) -> dict:
+    """:func:`load_best_checkpoint`, its errors reported through ``parser.error`` (exit code 2)."""
+    try:
+        return load_best_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+
+
+def update_checkpoint(path, **entries) -> Path:
+    """Add or replace top-level ``entries`` of the checkpoint file ``path`` (atomically)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload.update(entries)
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
 def build_model(model_config: dict):
     from .models import CoorDetector
 
@@ -186,11 +238,12 @@ def model_from_checkpoint(ckpt: dict, device="cpu"):
 # Overlays
 
 
-def save_overlay(path, image: torch.Tensor, truth: Optional[torch.Tensor] = None,
-                 pred: Optional[torch.Tensor] = None, label: Optional[str] = None, scale: int = 1) -> Path:
-    """PNG of a grey image with ground truth (green) and predicted (red) landmarks.
+def render_overlay(image: torch.Tensor, truth: Optional[torch.Tensor] = None, pred: Optional[torch.Tensor] = None,
+                   label: Optional[str] = None, scale: int = 1, radii: Optional[torch.Tensor] = None):
+    """RGB PIL image: a grey image with ground truth (green) and predicted (red) landmarks.
 
-    ``image`` (1, H, W) or (H, W), any range (stretched to 0-255); landmarks (L, 2) pixels.
+    ``image`` (1, H, W) or (H, W), any range (stretched to 0-255); landmarks (L, 2) pixels;
+    ``radii`` (L,) pixels: a red circle of that radius around each prediction (uncertainty).
     """
     from PIL import Image, ImageDraw
 
@@ -219,10 +272,21 @@ def save_overlay(path, image: torch.Tensor, truth: Optional[torch.Tensor] = None
     for (x, y) in pred_pts:
         draw.line([(x - radius, y), (x + radius, y)], fill=(255, 0, 0))
         draw.line([(x, y - radius), (x, y + radius)], fill=(255, 0, 0))
+    if radii is not None and pred is not None:
+        for (x, y), r in zip(pred.detach().double().cpu().tolist(), radii.detach().double().cpu().tolist()):
+            if all(v == v and abs(v) != float("inf") for v in (x, y, r)):
+                x, y, r = x * scale + (scale - 1) / 2, y * scale + (scale - 1) / 2, r * scale
+                draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 80, 80))
     if label:
         draw.text((3, 3), label, fill=(255, 255, 0))
-    buffer = _png_bytes(canvas)
-    return atomic_write_bytes(path, buffer)
+    return canvas
+
+
+def save_overlay(path, image: torch.Tensor, truth: Optional[torch.Tensor] = None,
+                 pred: Optional[torch.Tensor] = None, label: Optional[str] = None, scale: int = 1,
+                 radii: Optional[torch.Tensor] = None) -> Path:
+    """PNG file of :func:`render_overlay`."""
+    return atomic_write_bytes(path, _png_bytes(render_overlay(image, truth, pred, label, scale, radii)))
 
 
 def _png_bytes(image) -> bytes:

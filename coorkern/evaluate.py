@@ -1,8 +1,10 @@
 """Evaluate a trained detector: ``python -m coorkern.evaluate --checkpoint PATH [--data NAME --root PATH]``.
 
 Prints an MRE/SDR table per landmark (with the mean-shape baseline stored in the
-checkpoint side by side), writes ``metrics.json`` (+ per-image predictions) and overlay
-PNGs of predicted (red) vs true (green) landmarks to ``--out``.
+checkpoint side by side) and the empirical coverage of the checkpoint's conformal
+uncertainty radii; writes ``metrics.json`` (+ per-image predictions), ``per_landmark.png``
+and overlay PNGs of predicted (red, with the radius circle) vs true (green) landmarks to
+``--out``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from . import conformal, metrics
 from . import data as data_mod
-from . import metrics
-from ._runs import HelpFormatter, description, load_checkpoint, model_from_checkpoint, save_overlay, write_json
+from ._runs import (HelpFormatter, best_checkpoint_or_error, description, model_from_checkpoint, positive_int,
+                    prog, save_overlay, write_json)
 
-__all__ = ["run_inference", "evaluate_predictions", "write_overlays", "resolve_device", "main"]
+__all__ = ["run_inference", "evaluate_predictions", "conformal_coverage", "held_out_report", "write_overlays",
+           "resolve_device", "build_parser", "main"]
 
 
 @torch.no_grad()
@@ -73,8 +77,54 @@ def evaluate_predictions(inference: dict, thresholds: Sequence[float], mean_shap
     return model_metrics, baseline, errors
 
 
-def write_overlays(folder, dataset, inference: dict, count: int) -> list:
-    """Overlay PNGs for the first ``count`` items; returns the paths."""
+def conformal_coverage(calibration: dict, inference: dict) -> dict:
+    """Empirical coverage of the conformal radii of ``calibration`` on the predictions of ``inference``.
+
+    Errors and radii are in pixels of the model input (``inference`` of the training size).
+    """
+    errors = metrics.radial_errors(inference["pred"], inference["truth"])
+    radius = conformal.radii(calibration, inference["confidence"])
+    return {"target": calibration["coverage"], "score": calibration["score"],
+            **conformal.empirical_coverage(errors, radius), "unit": calibration["unit"]}
+
+
+def format_coverage(coverage: dict) -> str:
+    per = coverage["per_landmark"]
+    text = (f"conformal radii ({coverage['target']:.0%} target, score {coverage['score']}): empirical coverage "
+            f"{coverage['overall']:.1%} (per landmark {min(per):.0%}-{max(per):.0%}), mean radius "
+            f"{coverage['mean_radius']:.2f} {coverage['unit']}")
+    if coverage["mean_radius"] == float("inf"):
+        need = conformal.min_calibration_size(coverage["target"])
+        text += f" (infinite radii: {coverage['target']:.0%} coverage needs >= {need} calibration images)"
+    return text
+
+
+def held_out_report(model, dataset, thresholds: Sequence[float], *, device="cpu", batch_size: int = 8,
+                    amp: Optional[str] = None, mean_shape: Optional[torch.Tensor] = None,
+                    calibration: Optional[dict] = None, out=None, overlays: int = 0) -> dict:
+    """Predict ``dataset`` and measure: MRE/SDR (and the mean-shape baseline), conformal coverage.
+
+    With ``out``: writes ``per_landmark.png`` and ``overlays`` overlay PNGs there.  Returns
+    ``inference``, ``metrics``, ``baseline``, ``errors`` and ``conformal`` (None without
+    ``calibration``).  Shared by ``coorkern.train``'s final report and ``coorkern.evaluate``.
+    """
+    from .plots import plot_per_landmark
+
+    inference = run_inference(model, dataset, batch_size, device, amp)
+    model_metrics, baseline, errors = evaluate_predictions(inference, thresholds, mean_shape)
+    coverage = conformal_coverage(calibration, inference) if calibration else None
+    if out is not None:
+        out = Path(out)
+        plot_per_landmark(errors, out / "per_landmark.png", model_metrics["unit"])
+        radius = conformal.radii(calibration, inference["confidence"]) if calibration else None
+        if overlays > 0:
+            write_overlays(out / "overlays", dataset, inference, overlays, radius)
+    return {"inference": inference, "metrics": model_metrics, "baseline": baseline, "errors": errors,
+            "conformal": coverage}
+
+
+def write_overlays(folder, dataset, inference: dict, count: int, radii: Optional[torch.Tensor] = None) -> list:
+    """Overlay PNGs for the first ``count`` items (with ``radii (N, L)`` circles); returns the paths."""
     folder = Path(folder)
     paths = []
     for i in range(min(count, len(dataset))):
@@ -84,12 +134,13 @@ def write_overlays(folder, dataset, inference: dict, count: int) -> list:
         scale = max(1, 512 // max(item["image"].shape[-2:]))
         label = f"{item['id']}  MRE {float(torch.nanmean(err)):.2f} {unit}"
         paths.append(save_overlay(folder / f"{item['id']}.png", item["image"], item["landmarks"],
-                                  inference["pred"][i], label=label, scale=scale))
+                                  inference["pred"][i], label=label, scale=scale,
+                                  radii=None if radii is None else radii[i]))
     return paths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m coorkern.evaluate", description=description(__doc__),
+    p = argparse.ArgumentParser(prog=prog("evaluate"), description=description(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (uses checkpoint_best.pt)")
     p.add_argument("--data", choices=data_mod.DATASETS, help="dataset (default: the one the model was trained on)")
@@ -99,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network input size (default: the training size)")
     p.add_argument("--thresholds", type=float, nargs="+",
                    help="SDR radii in mm (px without spacing); default per dataset")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per inference batch")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype for inference")
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval_<split>)")
@@ -132,12 +183,7 @@ def device_or_error(parser: argparse.ArgumentParser, name: str) -> torch.device:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.checkpoint and Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "checkpoint_best.pt").is_file():
-        args.checkpoint = str(Path(args.checkpoint) / "checkpoint_best.pt")
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
+    ckpt = best_checkpoint_or_error(parser, args.checkpoint)
     cfg = ckpt["config"]
     name = args.data or cfg["data"]
     same_data = name == cfg["data"]
@@ -155,19 +201,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     device = device_or_error(parser, args.device)
     model = model_from_checkpoint(ckpt, device)
     thresholds = args.thresholds or dataset.thresholds
-    inference = run_inference(model, dataset, args.batch_size, device, args.amp)
-    mean_shape = ckpt.get("mean_shape") if same_data and tuple(cfg["image_size"]) == image_size else None
-    results, baseline, errors = evaluate_predictions(inference, thresholds, mean_shape)
+    same_size = tuple(cfg["image_size"]) == image_size
+    mean_shape = ckpt.get("mean_shape") if same_data and same_size else None
+    calibration = ckpt.get("conformal") if same_size else None
     out = Path(args.out) if args.out else Path(ckpt["path"]).parent / f"eval_{split}"
+    held_out = held_out_report(model, dataset, thresholds, device=device, batch_size=args.batch_size, amp=args.amp,
+                               mean_shape=mean_shape, calibration=calibration, out=out, overlays=args.overlays)
+    inference, errors = held_out["inference"], held_out["errors"]
     print(f"{name} / {split}: {len(dataset)} images, checkpoint {ckpt['path']} (epoch {ckpt['epoch'] + 1})")
-    print(metrics.format_table(results, baseline, per_landmark=args.per_landmark))
+    print(metrics.format_table(held_out["metrics"], held_out["baseline"], per_landmark=args.per_landmark))
+    if held_out["conformal"] is not None:
+        print(format_coverage(held_out["conformal"]))
+    elif "conformal" in ckpt:
+        print("conformal radii not evaluated: --image-size differs from the training size they were calibrated at")
     report = {
         "checkpoint": ckpt["path"],
         "data": name,
         "split": split,
         "image_size": list(image_size),
-        "metrics": results,
-        "baseline": baseline,
+        "metrics": held_out["metrics"],
+        "baseline": held_out["baseline"],
+        "conformal": held_out["conformal"],
         "predictions": [
             {"id": i, "landmarks": p.tolist(), "truth": t.tolist(), "confidence": c.tolist(), "errors": e.tolist()}
             for i, p, t, c, e in zip(inference["ids"], inference["pred"], inference["truth"],
@@ -175,8 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ],
     }
     write_json(out / "metrics.json", report)
-    write_overlays(out / "overlays", dataset, inference, args.overlays)
-    print(f"wrote {out / 'metrics.json'} and {min(args.overlays, len(dataset))} overlays in {out / 'overlays'}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'per_landmark.png'} and {min(args.overlays, len(dataset))} "
+          f"overlays in {out / 'overlays'}")
     return report
 
 

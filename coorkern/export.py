@@ -75,3 +75,47 @@ def onnx_op_types(path: Union[str, os.PathLike]) -> set[str]:
     for function in proto.functions:
         ops.update(node.op_type for node in function.node)
     return ops
+
+
+def build_parser():
+    import argparse
+
+    from ._runs import HelpFormatter, prog
+
+    p = argparse.ArgumentParser(prog=prog("export"), formatter_class=HelpFormatter,
+                                description="Export a trained detector to ONNX (standard operators only): "
+                                            "coorkern export --checkpoint RUN_OR_FILE [--out model.onnx]")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (uses checkpoint_best.pt)")
+    p.add_argument("--out", help="ONNX file to write (default: model.onnx next to the checkpoint)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size of the graph (default: the training size)")
+    p.add_argument("--batch-size", type=int, default=1, help="fixed batch size of the graph")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (>= 16 for GridSample)")
+    return p
+
+
+def main(argv=None) -> str:
+    """``coorkern export``: returns the path of the written ONNX file."""
+    from pathlib import Path
+
+    from ._runs import best_checkpoint_or_error, model_from_checkpoint
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ckpt = best_checkpoint_or_error(parser, args.checkpoint)
+    if args.batch_size < 1 or args.opset < 16:
+        parser.error("--batch-size must be >= 1 and --opset >= 16")
+    image_size = args.image_size or ckpt["config"]["image_size"]
+    out = Path(args.out) if args.out else Path(ckpt["path"]).parent / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path = to_onnx(model_from_checkpoint(ckpt), out, image_size, batch_size=args.batch_size,
+                       opset_version=args.opset)
+    except ImportError as exc:
+        parser.error(f"ONNX export needs the onnx and onnxscript packages ({exc}): pip install onnx onnxscript")
+    print(f"wrote {path}: input 'images' {(args.batch_size, 1, *image_size)}, output 'logits'")
+    return path
+
+
+if __name__ == "__main__":
+    main()

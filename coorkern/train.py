@@ -1,26 +1,36 @@
-"""Train the CoorTransformer landmark detector: ``python -m coorkern.train [options]``.
+"""Train the CoorTransformer landmark detector: ``coorkern train [options]`` (or ``python -m coorkern.train``).
 
 With no arguments: trains a CPU-sized detector (a larger one on a GPU) on the built-in
 synthetic radiographs with the central loss, evaluates on a held-out synthetic split and
 prints MRE/SDR next to the naive baseline (the training set's mean landmark
-positions).  Every run writes a folder (``--out``, default ``runs/<time>-<data>``)::
+positions).  Options may come from ``--config FILE`` (YAML/JSON; the command line
+overrides it).  Every run writes a folder (``--out``, default ``runs/<time>-<data>``)::
 
-    config.json            all options, resolved defaults and the environment
+    config.yaml            every resolved option: --config it (with a new --out) to rerun
+    config.json            the same plus the dataset/model details and the environment
     metrics.json / .csv    per epoch: train loss, validation loss/MRE/SDR, lr, throughput
+    curves.png             train/validation loss and validation MRE per epoch
     checkpoint_last.pt     model/optimizer/scheduler/epoch/RNG state (--resume from it)
-    checkpoint_best.pt     the best epoch on the validation split (--select)
-    test_metrics.json      final held-out metrics of the best checkpoint and the baseline
+    checkpoint_best.pt     the best epoch on the validation split (--select), with the
+                           conformal uncertainty radii calibrated on that split
+    test_metrics.json      final held-out metrics of the best checkpoint and the baseline,
+                           and the empirical coverage of the conformal radii
+    per_landmark.png       held-out error per landmark
     overlays/*.png         predicted (red) vs true (green) landmarks on held-out images
+    tensorboard/           with --tensorboard: scalars per step/epoch, validation images
 
 Checkpoints are written atomically (temporary file + ``os.replace``) and load with
 ``torch.load(path, weights_only=True)``.  Under ``torchrun`` the same command trains
 with DistributedDataParallel (NCCL on GPUs, gloo on CPU); only rank 0 writes files.
+The steps (:func:`setup_run`, :func:`train_one_epoch`, :func:`validate`,
+:func:`save_checkpoints`, :func:`final_report`) are public for other drivers.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -30,25 +40,31 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
+from . import conformal, metrics, profiles
 from . import data as data_mod
-from . import metrics, profiles
+from ._config import add_config_option, parse_with_config, plain_options, write_config
 from ._runs import (HelpFormatter, atomic_write_bytes, build_model, description, load_checkpoint,
-                    save_checkpoint, set_rng_state, write_json)
-from .evaluate import autocast, device_or_error, evaluate_predictions, run_inference, write_overlays
+                    positive_float, positive_int, prog, render_overlay, save_checkpoint, set_rng_state,
+                    update_checkpoint, write_json)
+from .evaluate import (autocast, device_or_error, evaluate_predictions, format_coverage, held_out_report,
+                       run_inference)
+from ._tensorboard import TensorBoardLogger, require_tensorboard
+from .losses import LOSSES, heatmap_loss
 from .models import TRANSFORMER_KINDS
-from .ops.central_loss import central_loss_from_landmarks
-from .reference import gaussian_heatmaps
 
-__all__ = ["build_parser", "main", "compute_loss", "LOSSES"]
+__all__ = ["build_parser", "main", "Options", "parse_args", "setup_run", "train_one_epoch", "validate", "save_checkpoints",
+           "final_report", "calibrate_radii", "Run", "compute_loss", "LOSSES"]
 
-LOSSES = ("central", "bce", "focal", "wbce")
+compute_loss = heatmap_loss  # the name this module exported before the losses moved to coorkern.losses
+# Options that say where this invocation writes or continues, not what it trains: not in config.yaml.
+RUN_LOCATION_OPTIONS = ("out", "resume", "stop_after", "config")
 # Defaults that depend on the hardware: a small, quick configuration on CPU.
 PROFILES = {
     "cpu": dict(image_size=(128, 128), base_channels=8, epochs=10, batch_size=8, train_samples=600,
@@ -65,24 +81,11 @@ SPLITS = {  # (train, validation for model selection, final test) per dataset
 }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     kw = {"argument_default": argparse.SUPPRESS} if suppress_defaults else {}
-    p = argparse.ArgumentParser(prog="python -m coorkern.train", description=description(__doc__),
+    p = argparse.ArgumentParser(prog=prog("train"), description=description(__doc__),
                                 formatter_class=HelpFormatter, **kw)
+    add_config_option(p)
     g = p
 
     def add(*names, default=None, **options):
@@ -93,19 +96,19 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     add("--data", default="synthetic", choices=data_mod.DATASETS, help="dataset format")
     add("--root", help="dataset folder (csv: the .csv/.json file or its folder); not needed for synthetic")
-    add("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"),
+    add("--image-size", type=positive_int, nargs=2, metavar=("H", "W"),
         help="network input size; default 128x128 synthetic on CPU, 256x256 on GPU, the paper's sizes for real data")
     add("--protocol", choices=("paper", "challenge"), help="isbi2015 split: paper 150/250, challenge 150/150/100")
     add("--train-split", help="split to train on (default per dataset: train)")
     add("--val-split", help="split for model selection (default: val for synthetic, test otherwise)")
     add("--test-split", help="held-out split for the final report (default: test; challenge: test2)")
-    add("--train-samples", type=_positive_int, help="synthetic: training images (default 600 on CPU)")
-    add("--val-samples", type=_positive_int, help="synthetic: validation images")
-    add("--test-samples", type=_positive_int, help="synthetic: test images")
+    add("--train-samples", type=positive_int, help="synthetic: training images (default 600 on CPU)")
+    add("--val-samples", type=positive_int, help="synthetic: validation images")
+    add("--test-samples", type=positive_int, help="synthetic: test images")
     add("--difficulty", type=float, default=1.0, help="synthetic: scale of pose/deformation randomness")
     add("--augment", action=argparse.BooleanOptionalAction, default=None,
         help="random rotation/scale/translation/intensity (default: on for real data, off for synthetic)")
-    add("--thresholds", type=_positive_float, nargs="+", help="SDR radii (mm, px without spacing); default per dataset")
+    add("--thresholds", type=positive_float, nargs="+", help="SDR radii (mm, px without spacing); default per dataset")
     add("--data-option", type=_key_value, action="append", metavar="KEY=VALUE",
         help="extra load_dataset option, repeatable; VALUE is JSON or a string, e.g. annotator=senior "
              "(isbi2015), cv_fold=1, wrist_indices=[1,5] or landmark_indices=[0,4,8] (hand), strict=true, "
@@ -115,27 +118,27 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     add("--transformer", choices=TRANSFORMER_KINDS, default="coor",
         help="attention in the decoder: the paper's coor, or a Table IV baseline")
-    add("--base-channels", type=_positive_int, help="width of the first level (paper 64; default 8 on CPU)")
+    add("--base-channels", type=positive_int, help="width of the first level (paper 64; default 8 on CPU)")
     add("--depths", type=int, nargs=4, default=[1, 1, 1, 1], help="transformer blocks per decoder stage")
-    add("--heads", type=_positive_int, nargs=4, default=[8, 4, 2, 1], help="attention heads per decoder stage")
-    add("--mlp-ratio", type=_positive_float, default=4.0, help="transformer MLP expansion")
+    add("--heads", type=positive_int, nargs=4, default=[8, 4, 2, 1], help="attention heads per decoder stage")
+    add("--mlp-ratio", type=positive_float, default=4.0, help="transformer MLP expansion")
     add("--head-bias", type=float, default=-4.0, help="initial bias of the heatmap logits (prior ~ sigmoid(bias))")
 
     g = p.add_argument_group("optimization")
     add("--profile", choices=profiles.PROFILE_CHOICES, default="auto",
         help="defaults for the options not given (coorkern.profiles): paper = the paper's configuration, cpu = "
              "~30 min per real-data run on 2 cores; auto = paper on CUDA, cpu without, for real data")
-    add("--epochs", type=_positive_int, help="epochs (default 10 on CPU, 40 on GPU)")
-    add("--batch-size", type=_positive_int,
+    add("--epochs", type=positive_int, help="epochs (default 10 on CPU, 40 on GPU)")
+    add("--batch-size", type=positive_int,
         help="images per step and process (default 8 on CPU, 4 on GPU; the paper: 2)")
-    add("--lr", type=_positive_float, default=1e-3, help="peak learning rate of the cyclic schedule (Adam)")
-    add("--min-lr", type=_positive_float, default=1e-4, help="lowest learning rate of the cyclic schedule")
-    add("--lr-cycles", type=_positive_int, default=1,
+    add("--lr", type=positive_float, default=1e-3, help="peak learning rate of the cyclic schedule (Adam)")
+    add("--min-lr", type=positive_float, default=1e-4, help="lowest learning rate of the cyclic schedule")
+    add("--lr-cycles", type=positive_int, default=1,
         help="triangular cycles min-lr -> lr -> min-lr over the whole run")
     add("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     add("--loss", choices=LOSSES, default="central", help="heatmap loss")
     add("--r", type=float, default=2.0, help="central loss exponent r (0 = BCE)")
-    add("--sigma", type=_positive_float, default=2.0, help="Gaussian target sigma in pixels of the input")
+    add("--sigma", type=positive_float, default=2.0, help="Gaussian target sigma in pixels of the input")
     add("--select", choices=("mre", "loss"), default="mre", help="best checkpoint by validation MRE or loss")
 
     g = p.add_argument_group("runtime")
@@ -150,40 +153,27 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="deterministic algorithms only (bitwise reproducible runs and resumes)")
     add("--out", help="run folder (default: runs/<time>-<data>; with --resume: the checkpoint's folder)")
     add("--resume", help="checkpoint file or run folder to continue from (its options are reused)")
-    add("--stop-after", type=_positive_int,
+    add("--stop-after", type=positive_int,
         help="stop after this many epochs in this invocation (for time-limited jobs; continue with --resume)")
     add("--overlays", type=int, default=8, help="overlay PNGs of held-out images to write")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="show a progress bar (on a terminal only: logs stay clean when stderr is redirected)")
+    add("--tensorboard", action="store_true", default=False,
+        help="write TensorBoard logs to <run>/tensorboard (needs pip install 'coorkern[tensorboard]')")
+
+    g = p.add_argument_group("uncertainty")
+    add("--coverage", type=_fraction, default=0.9,
+        help="coverage of the per-landmark conformal radii calibrated on the validation split after training")
+    add("--conformal-score", choices=conformal.SCORES, default="none",
+        help="scale of the radius per prediction: none (one radius per landmark) or peak (1 / heatmap peak)")
     return p
 
 
-# ---------------------------------------------------------------------------
-# Losses
-
-
-def compute_loss(kind: str, logits: torch.Tensor, landmarks: torch.Tensor, sigma: float, r: float = 2.0):
-    """Mean loss of ``(B, L, H, W)`` logits against Gaussian targets at ``landmarks (B, L, 2)``.
-
-    ``central``: the fused central loss with targets built in-kernel; ``bce``, ``focal``
-    (gamma 2) and ``wbce`` (positives weighted by the background/peak area ratio) build
-    the target heatmaps explicitly (baselines of the paper's Table II).
-    """
-    logits = logits.float()
-    if kind == "central":
-        return central_loss_from_landmarks(logits, landmarks, sigma=sigma, r=r)
-    h, w = logits.shape[-2:]
-    target = gaussian_heatmaps(landmarks, h, w, sigma).to(logits.dtype)
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits, target)
-    if kind == "wbce":
-        ratio = h * w / (2 * math.pi * sigma * sigma)
-        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(ratio))
-    if kind == "focal":
-        ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        p = torch.sigmoid(logits)
-        p_t = p * target + (1 - p) * (1 - target)
-        return (ce * (1 - p_t) ** 2).mean()
-    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -279,50 +269,8 @@ def _set_deterministic(on: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(on)
-
-
-class _Progress:
-    """tqdm when installed, else a one-line text bar on stderr."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.total, self.desc, self.enabled, self.n = total, desc, enabled, 0
-        self.bar = None
-        self.postfix = ""
-        self._last = 0.0
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True, mininterval=0.5)
-            except ImportError:
-                pass
-
-    def update(self, **stats) -> None:
-        self.n += 1
-        text = ", ".join(f"{k}={v}" for k, v in stats.items())
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-            return
-        now = time.time()
-        # Redraw in place on a terminal; into a log file (not a TTY) write only the final line.
-        tty = sys.stderr.isatty()
-        if (tty and now - self._last > 0.5) or self.n == self.total:
-            self._last = now
-            width = 24
-            done = int(width * self.n / max(self.total, 1))
-            bar = "#" * done + "." * (width - done)
-            sys.stderr.write(("\r" if tty else "") + f"{self.desc} [{bar}] {self.n}/{self.total} {text}")
-            if self.n == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    if on != torch.are_deterministic_algorithms_enabled():  # the call imports torch._inductor (~3 s on this CPU)
+        torch.use_deterministic_algorithms(on)
 
 
 def _history_csv(history: list) -> bytes:
@@ -343,6 +291,344 @@ def _log(dist: _Dist, *parts) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The steps of a run
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds between its steps."""
+
+    args: argparse.Namespace
+    dist: _Dist
+    device: torch.device
+    config: dict
+    run_dir: Path
+    train_ds: Any
+    val_ds: Any
+    test_ds: Any
+    thresholds: tuple
+    mean_shape: torch.Tensor
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model wrapped for training (DDP, torch.compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    sampler: DistributedSampler
+    loader: DataLoader
+    history: list = dataclasses.field(default_factory=list)
+    start_epoch: int = 0
+    best: float = math.inf
+    tensorboard: Any = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def loss(self, logits: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        return heatmap_loss(self.args.loss, logits, landmarks, self.args.sigma, self.args.r)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return max(self.args.batch_size, 8)
+
+
+class Options(NamedTuple):
+    """The parsed command: ``args``, its ``parser`` (for errors), the ``--resume`` checkpoint and the
+    ``explicit`` options (given on the command line or in ``--config``, not defaults)."""
+
+    args: argparse.Namespace
+    parser: argparse.ArgumentParser
+    resume_checkpoint: Optional[dict]
+    explicit: dict
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """Options from the command line over ``--config`` over (with ``--resume``) the checkpoint's.
+
+    Bad options exit through ``parser.error``.
+    """
+    argv = list(argv)
+    parser = build_parser()
+    args, from_file = parse_with_config(parser, argv)
+    explicit = {**from_file, **vars(build_parser(suppress_defaults=True).parse_args(argv))}
+    resume_ckpt = None
+    if args.resume:
+        try:
+            resume_ckpt = load_checkpoint(args.resume)
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(str(exc))
+        saved = dict(resume_ckpt["config"]["args"])
+        # The saved options, except those given again on this command line (or its --config).
+        for key in ("resume", "out", "stop_after", "progress", "workers", "device", "threads", "overlays"):
+            saved.pop(key, None)
+        saved.update(explicit)
+        args = argparse.Namespace(**{**vars(args), **saved})
+        if args.out is None:
+            args.out = str(Path(resume_ckpt["path"]).parent)
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    if args.data != "synthetic" and not args.root:
+        parser.error(f"--data {args.data} needs --root (the folder with the data set's files)")
+    return Options(args, parser, resume_ckpt, explicit)
+
+
+def _select_device(args, parser, dist: _Dist) -> torch.device:
+    if args.device == "auto" and dist.active and torch.cuda.is_available():
+        device = torch.device("cuda", dist.local_rank)
+    else:
+        device = device_or_error(parser, args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.active and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and (os.cpu_count() or 1) <= 2:
+        torch.set_num_threads(1)
+    return device
+
+
+def setup_run(options: Options) -> Run:
+    """Device, data, model, optimizer and schedule (restored with ``--resume``), run folder and its config."""
+    args, parser, resume_ckpt = options.args, options.parser, options.resume_checkpoint
+    dist = _Dist()
+    device = _select_device(args, parser, dist)
+    note = profiles.apply_profile(args, options.explicit, device) if resume_ckpt is None else None
+    if note:
+        _log(dist, note)
+    _resolve(args, device)
+    _set_deterministic(args.deterministic)
+    _seed_everything(args.seed)
+    if args.amp == "fp16" and device.type == "cpu":
+        _log(dist, "note: --amp fp16 on CPU runs without a gradient scaler")
+    if args.tensorboard and dist.main:
+        try:
+            require_tensorboard()
+        except ImportError as exc:
+            parser.error(str(exc))
+
+    try:
+        train_ds = _dataset(args, args.train_split, args.augment)
+        val_ds = _dataset(args, args.val_split, False)
+        test_ds = val_ds if args.test_split == args.val_split else _dataset(args, args.test_split, False)
+    except (ValueError, data_mod.DatasetFormatError) as exc:
+        parser.error(str(exc))
+    if args.test_split == args.val_split:
+        _log(dist, f"note: the best epoch is selected (and the uncertainty radii calibrated) on the "
+                   f"'{args.val_split}' split that is also reported as held-out (the published protocols do "
+                   "this); the reported metrics and coverage are then optimistic. Pass --val-split to select "
+                   "on a separate split.")
+    num_landmarks = train_ds.num_landmarks
+    model_config = _model_config(args, num_landmarks)
+    model = build_model(model_config)
+    # Start the heatmaps near the background level (prior probability ~1%), as detection heads do:
+    # the first steps then refine peaks instead of pushing 99% of the pixels down.
+    torch.nn.init.constant_(model.head.bias, args.head_bias)
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.min_lr, weight_decay=args.weight_decay)
+    sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=data_mod.collate, drop_last=True, persistent_workers=False)
+    if len(loader) == 0:
+        parser.error(f"--batch-size {args.batch_size} is larger than the training images per process "
+                     f"({len(train_ds)} / {dist.world})")
+    half_cycle = max(1, len(loader) * args.epochs // (2 * args.lr_cycles))
+    scheduler = torch.optim.lr_scheduler.CyclicLR(
+        optimizer, base_lr=args.min_lr, max_lr=args.lr, step_size_up=half_cycle, mode="triangular",
+        cycle_momentum=False,
+    )
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
+    thresholds = tuple(args.thresholds or train_ds.thresholds)
+    config = {
+        "args": vars(args),
+        "data": args.data,
+        "root": str(Path(args.root).resolve()) if args.root else None,
+        "image_size": list(args.image_size),
+        "test_split": args.test_split,
+        "data_options": _data_options(args),
+        "model": model_config,
+        "thresholds": list(thresholds),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+                        "world_size": dist.world, "threads": torch.get_num_threads()},
+    }
+    run_dir = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.data}"
+    run = Run(args=args, dist=dist, device=device, config=config, run_dir=run_dir, train_ds=train_ds, val_ds=val_ds,
+              test_ds=test_ds, thresholds=thresholds, mean_shape=metrics.mean_shape_baseline(train_ds.all_landmarks()),
+              model=model, train_model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+              sampler=sampler, loader=loader)
+    if resume_ckpt is not None:
+        _restore(run, resume_ckpt)
+    if dist.active:
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        run.train_model = torch.compile(run.train_model)
+    if dist.main:
+        _write_config(run)
+        if args.tensorboard:
+            run.tensorboard = TensorBoardLogger(run_dir / "tensorboard")
+        n_params = sum(p.numel() for p in model.parameters())
+        _log(dist, f"coorkern.train: {args.data} {tuple(args.image_size)}, {len(train_ds)} train / {len(val_ds)} "
+                   f"{args.val_split} / {len(test_ds)} {args.test_split} images, {num_landmarks} landmarks; "
+                   f"CoorDetector(base={args.base_channels}, transformer={args.transformer}) {n_params:,} params; "
+                   f"{args.loss} loss, {args.epochs} epochs x {len(loader)} steps, batch {args.batch_size}"
+                   f"{f' x {dist.world} processes' if dist.active else ''}, device {device}; run folder {run_dir}")
+    return run
+
+
+def _restore(run: Run, ckpt: dict) -> None:
+    """Model, optimizer, schedule, scaler, RNG, history and best score of a checkpoint (``--resume``)."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.scaler is not None and "scaler" in ckpt:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    run.start_epoch = ckpt["epoch"] + 1
+    run.history = json.loads(ckpt["history"])
+    run.best = float(ckpt["best"])
+
+
+def _write_config(run: Run) -> None:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run.run_dir / "config.json", run.config)
+    write_config(run.run_dir / "config.yaml", plain_options(vars(run.args), exclude=RUN_LOCATION_OPTIONS),
+                 header="coorkern train options of this run, resolved (defaults filled in for this machine).\n"
+                        "Rerun it with: coorkern train --config <this file> --out <new folder>")
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict:
+    """One pass over the training data (``epoch`` counts from 0); returns the epoch's metrics row."""
+    args, dist = run.args, run.dist
+    run.sampler.set_epoch(epoch)
+    if hasattr(run.train_ds, "set_epoch"):
+        run.train_ds.set_epoch(epoch)
+    run.train_model.train()
+    steps = run.steps_per_epoch
+    # disable=None: tqdm draws only on a terminal, so redirected logs stay free of bar redraws.
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", dynamic_ncols=True,
+               mininterval=0.5, disable=None if args.progress and dist.main else True)
+    t0 = time.time()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    lr = run.optimizer.param_groups[0]["lr"]
+    for step, batch in enumerate(run.loader):
+        images = batch["image"].to(run.device, non_blocking=True)
+        landmarks = batch["landmarks"].to(run.device, non_blocking=True)
+        with autocast(run.device, args.amp):
+            logits = run.train_model(images)
+        loss = run.loss(logits, landmarks)
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            loss.backward()
+            run.optimizer.step()
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        loss_value = loss.detach().double().cpu()
+        loss_sum += loss_value
+        if run.tensorboard is not None:
+            run.tensorboard.step(epoch * steps + step, float(loss_value), lr)
+        rate = (step + 1) * args.batch_size * dist.world / max(time.time() - t0, 1e-9)
+        bar.set_postfix_str(f"loss={float(loss_value):.5f}, lr={lr:.2e}, img_s={rate:.1f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    if dist.active:
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum /= dist.world
+        # Parameters agree after every step; BatchNorm statistics are per process: average
+        # them so every rank holds the same model (and the checkpoint sees every rank's data).
+        for buffer in run.model.buffers():
+            if buffer.is_floating_point():
+                torch.distributed.all_reduce(buffer)
+                buffer /= dist.world
+    train_time = time.time() - t0
+    return {"epoch": epoch + 1, "train_loss": float(loss_sum) / steps, "lr": lr,
+            "images_per_s": steps * args.batch_size * dist.world / train_time, "epoch_time_s": train_time}
+
+
+def validate(run: Run, row: dict) -> tuple[float, dict]:
+    """Validation loss/MRE/SDR of the current model added to ``row``; returns ``(selection score, metrics)``."""
+    inference = run_inference(run.model, run.val_ds, run.eval_batch_size, run.device, run.args.amp, run.loss)
+    val_metrics, _, _ = evaluate_predictions(inference, run.thresholds)
+    row["val_loss"] = inference["loss"]
+    row[f"val_mre_{val_metrics['unit']}"] = val_metrics["overall"]["mre"]
+    for key, value in val_metrics["overall"]["sdr"].items():
+        row[f"val_sdr_{key}{val_metrics['unit']}"] = value
+    score = inference["loss"] if run.args.select == "loss" else val_metrics["overall"]["mre"]
+    return score, val_metrics
+
+
+def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
+    """``checkpoint_last.pt`` (and ``checkpoint_best.pt`` when ``improved``), metrics files and ``curves.png``."""
+    from .plots import plot_curves
+
+    extra = {"history": json.dumps(run.history), "best": run.best, "mean_shape": run.mean_shape}
+    ckpt_args = dict(model=run.model, config=run.config, epoch=epoch, optimizer=run.optimizer,
+                     scheduler=run.scheduler, scaler=run.scaler, extra=extra)
+    save_checkpoint(run.run_dir / "checkpoint_last.pt", **ckpt_args)
+    if improved:
+        save_checkpoint(run.run_dir / "checkpoint_best.pt", **ckpt_args)
+    write_json(run.run_dir / "metrics.json", run.history)
+    atomic_write_bytes(run.run_dir / "metrics.csv", _history_csv(run.history))
+    plot_curves(run.history, run.run_dir / "curves.png")
+
+
+@torch.no_grad()
+def _log_validation_images(run: Run, epoch: int, count: int = 4) -> None:
+    """A few validation overlays and predicted heatmaps (max over landmarks) to TensorBoard."""
+    items = [run.val_ds[i] for i in range(min(count, len(run.val_ds)))]
+    images = torch.stack([item["image"] for item in items]).to(run.device)
+    run.model.eval()
+    with autocast(run.device, run.args.amp):
+        logits = run.model(images).float()
+    coords, _ = metrics.decode_heatmaps(logits)
+    overlays = [render_overlay(item["image"], item["landmarks"], coords[i].cpu(),
+                               scale=max(1, 256 // max(item["image"].shape[-2:]))) for i, item in enumerate(items)]
+    run.tensorboard.images(epoch + 1, overlays, torch.sigmoid(logits).amax(1, keepdim=True))
+
+
+def calibrate_radii(run: Run, model: torch.nn.Module) -> dict:
+    """Split-conformal radii per landmark from ``model``'s errors on the validation split (model-input px)."""
+    inference = run_inference(model, run.val_ds, run.eval_batch_size, run.device, run.args.amp)
+    errors = metrics.radial_errors(inference["pred"], inference["truth"])
+    calibration = conformal.calibrate(errors, run.args.coverage, inference["confidence"],
+                                      run.args.conformal_score)
+    calibration["split"] = run.args.val_split
+    return calibration
+
+
+def final_report(run: Run, t_start: float) -> dict:
+    """Calibrate the radii on the validation split, store them in the best checkpoint, report the test split."""
+    args, dist = run.args, run.dist
+    best_path = run.run_dir / "checkpoint_best.pt"
+    best_ckpt = load_checkpoint(best_path)
+    model = build_model(run.config["model"]).to(run.device)
+    model.load_state_dict(best_ckpt["model"])
+    calibration = calibrate_radii(run, model)
+    update_checkpoint(best_path, conformal=calibration)
+    held_out = held_out_report(model, run.test_ds, run.thresholds, device=run.device,
+                               batch_size=run.eval_batch_size, amp=args.amp, mean_shape=run.mean_shape,
+                               calibration=calibration, out=run.run_dir, overlays=args.overlays)
+    write_json(run.run_dir / "test_metrics.json", {"split": args.test_split, "images": len(run.test_ds),
+                                                    "best_epoch": best_ckpt["epoch"] + 1,
+                                                    "model": held_out["metrics"], "baseline": held_out["baseline"],
+                                                    "conformal": held_out["conformal"]})
+    minutes = (time.time() - t_start) / 60
+    _log(dist, f"\nheld-out {args.test_split} ({len(run.test_ds)} images), best epoch {best_ckpt['epoch'] + 1}, "
+               f"trained in {minutes:.1f} min:")
+    _log(dist, metrics.format_table(held_out["metrics"], held_out["baseline"]))
+    _log(dist, format_coverage(held_out["conformal"]) + f" (calibrated on '{args.val_split}')")
+    _log(dist, f"run folder: {run.run_dir}")
+    return {"test": held_out["metrics"], "baseline": held_out["baseline"], "conformal": held_out["conformal"]}
+
+
+# ---------------------------------------------------------------------------
 # Main
 
 
@@ -357,228 +643,40 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return _main(list(sys.argv[1:] if argv is None else argv))
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call imports torch._inductor (~3 s)
+            torch.use_deterministic_algorithms(deterministic)
 
 
 def _main(argv: list) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    resume_ckpt = None
-    if args.resume:
-        try:
-            resume_ckpt = load_checkpoint(args.resume)
-        except (FileNotFoundError, ValueError) as exc:
-            parser.error(str(exc))
-        saved = dict(resume_ckpt["config"]["args"])
-        # The saved options, except those given again on this command line.
-        for key in ("resume", "out", "stop_after", "progress", "workers", "device", "threads", "overlays"):
-            saved.pop(key, None)
-        saved.update({k: v for k, v in explicit.items()})
-        args = argparse.Namespace(**{**vars(args), **saved})
-        if args.out is None:
-            args.out = str(Path(resume_ckpt["path"]).parent)
-    if args.min_lr > args.lr:
-        parser.error(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
-    if args.workers < 0:
-        parser.error("--workers must be >= 0")
-    if args.data != "synthetic" and not args.root:
-        parser.error(f"--data {args.data} needs --root (the folder with the data set's files)")
-
-    dist = _Dist()
-    if args.device == "auto" and dist.active and torch.cuda.is_available():
-        device = torch.device("cuda", dist.local_rank)
-    else:
-        device = device_or_error(parser, args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if dist.active and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    note = profiles.apply_profile(args, explicit, device) if resume_ckpt is None else None
-    if note:
-        _log(dist, note)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    elif device.type == "cpu" and (os.cpu_count() or 1) <= 2:
-        torch.set_num_threads(1)
-    _resolve(args, device)
-    _set_deterministic(args.deterministic)
-    _seed_everything(args.seed)
-    if args.amp == "fp16" and device.type == "cpu":
-        _log(dist, "note: --amp fp16 on CPU runs without a gradient scaler")
-
-    try:
-        train_ds = _dataset(args, args.train_split, args.augment)
-        val_ds = _dataset(args, args.val_split, False)
-        test_ds = val_ds if args.test_split == args.val_split else _dataset(args, args.test_split, False)
-    except (ValueError, data_mod.DatasetFormatError) as exc:
-        parser.error(str(exc))
-    if args.test_split == args.val_split:
-        _log(dist, f"note: the best epoch is selected on the '{args.val_split}' split that is also reported as "
-                   "held-out (the published protocols do this); the reported metrics are then optimistic. "
-                   "Pass --val-split to select on a separate split.")
-    num_landmarks = train_ds.num_landmarks
-    mean_shape = metrics.mean_shape_baseline(train_ds.all_landmarks())
-    thresholds = tuple(args.thresholds or train_ds.thresholds)
-
-    model_config = _model_config(args, num_landmarks)
-    model = build_model(model_config)
-    # Start the heatmaps near the background level (prior probability ~1%), as detection heads do:
-    # the first steps then refine peaks instead of pushing 99% of the pixels down.
-    torch.nn.init.constant_(model.head.bias, args.head_bias)
-    model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.min_lr, weight_decay=args.weight_decay)
-    sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        collate_fn=data_mod.collate, drop_last=True, persistent_workers=False)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        parser.error(f"--batch-size {args.batch_size} is larger than the training images per process "
-                     f"({len(train_ds)} / {dist.world})")
-    total_steps = steps_per_epoch * args.epochs
-    half_cycle = max(1, total_steps // (2 * args.lr_cycles))
-    scheduler = torch.optim.lr_scheduler.CyclicLR(
-        optimizer, base_lr=args.min_lr, max_lr=args.lr, step_size_up=half_cycle, mode="triangular",
-        cycle_momentum=False,
-    )
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
-
-    config = {
-        "args": vars(args),
-        "data": args.data,
-        "root": str(Path(args.root).resolve()) if args.root else None,
-        "image_size": list(args.image_size),
-        "test_split": args.test_split,
-        "data_options": _data_options(args),
-        "model": model_config,
-        "thresholds": list(thresholds),
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-                        "world_size": dist.world, "threads": torch.get_num_threads()},
-    }
-    history: list = []
-    start_epoch = 0
-    best = math.inf
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        if scaler is not None and "scaler" in resume_ckpt:
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        set_rng_state(resume_ckpt["rng"])
-        start_epoch = resume_ckpt["epoch"] + 1
-        history = json.loads(resume_ckpt["history"])
-        best = float(resume_ckpt["best"])
-
-    train_model = model
-    if dist.active:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    run_dir = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.data}"
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config)
-        n_params = sum(p.numel() for p in model.parameters())
-        _log(dist, f"coorkern.train: {args.data} {tuple(args.image_size)}, {len(train_ds)} train / {len(val_ds)} "
-                   f"{args.val_split} / {len(test_ds)} {args.test_split} images, {num_landmarks} landmarks; "
-                   f"CoorDetector(base={args.base_channels}, transformer={args.transformer}) {n_params:,} params; "
-                   f"{args.loss} loss, {args.epochs} epochs x {steps_per_epoch} steps, batch {args.batch_size}"
-                   f"{f' x {dist.world} processes' if dist.active else ''}, device {device}; run folder {run_dir}")
-
-    def loss_fn(logits, landmarks):
-        return compute_loss(args.loss, logits, landmarks, args.sigma, args.r)
-
+    run = setup_run(parse_args(argv))
+    args, dist = run.args, run.dist
     t_start = time.time()
-    stop_at = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
-    for epoch in range(start_epoch, stop_at):
-        sampler.set_epoch(epoch)
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        train_model.train()
-        bar = _Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", args.progress and dist.main)
-        t0 = time.time()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for step, batch in enumerate(loader):
-            images = batch["image"].to(device, non_blocking=True)
-            landmarks = batch["landmarks"].to(device, non_blocking=True)
-            with autocast(device, args.amp):
-                logits = train_model(images)
-            loss = loss_fn(logits, landmarks)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            loss_sum += loss.detach().double().cpu()
-            rate = (step + 1) * args.batch_size * dist.world / max(time.time() - t0, 1e-9)
-            bar.update(loss=f"{float(loss.detach()):.5f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-        bar.close()
-        if dist.active:
-            torch.distributed.all_reduce(loss_sum)
-            loss_sum /= dist.world
-            # Parameters agree after every step; BatchNorm statistics are per process: average
-            # them so every rank holds the same model (and the checkpoint sees every rank's data).
-            for buffer in model.buffers():
-                if buffer.is_floating_point():
-                    torch.distributed.all_reduce(buffer)
-                    buffer /= dist.world
-        train_time = time.time() - t0
-        row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / steps_per_epoch, "lr": lr,
-               "images_per_s": steps_per_epoch * args.batch_size * dist.world / train_time,
-               "epoch_time_s": train_time}
-        if dist.main:
-            inference = run_inference(model, val_ds, max(args.batch_size, 8), device, args.amp, loss_fn)
-            val_metrics, _, _ = evaluate_predictions(inference, thresholds)
-            row["val_loss"] = inference["loss"]
-            row[f"val_mre_{val_metrics['unit']}"] = val_metrics["overall"]["mre"]
-            for key, value in val_metrics["overall"]["sdr"].items():
-                row[f"val_sdr_{key}{val_metrics['unit']}"] = value
-            history.append(row)
-            score = inference["loss"] if args.select == "loss" else val_metrics["overall"]["mre"]
-            improved = score < best
-            best = min(best, score)
-            extra = {"history": json.dumps(history), "best": best, "mean_shape": mean_shape}
-            ckpt_args = dict(model=model, config=config, epoch=epoch, optimizer=optimizer, scheduler=scheduler,
-                             scaler=scaler, extra=extra)
-            save_checkpoint(run_dir / "checkpoint_last.pt", **ckpt_args)
-            if improved:
-                save_checkpoint(run_dir / "checkpoint_best.pt", **ckpt_args)
-            write_json(run_dir / "metrics.json", history)
-            atomic_write_bytes(run_dir / "metrics.csv", _history_csv(history))
-            _log(dist, f"epoch {epoch + 1}: train loss {row['train_loss']:.5f}, val loss {row['val_loss']:.5f}, "
-                       f"val MRE {val_metrics['overall']['mre']:.3f} {val_metrics['unit']}, "
-                       f"{row['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
-        dist.barrier()
-
-    result = {"run_dir": run_dir, "history": history, "model": model, "config": config, "test": None,
-              "baseline": None, "time_s": time.time() - t_start}
-    if dist.main and stop_at == args.epochs and (run_dir / "checkpoint_best.pt").is_file():
-        best_ckpt = load_checkpoint(run_dir / "checkpoint_best.pt")
-        eval_model = build_model(model_config).to(device)
-        eval_model.load_state_dict(best_ckpt["model"])
-        inference = run_inference(eval_model, test_ds, max(args.batch_size, 8), device, args.amp)
-        test_metrics, baseline, _ = evaluate_predictions(inference, thresholds, mean_shape)
-        write_json(run_dir / "test_metrics.json", {"split": args.test_split, "images": len(test_ds),
-                                                    "best_epoch": best_ckpt["epoch"] + 1,
-                                                    "model": test_metrics, "baseline": baseline})
-        if args.overlays > 0:
-            write_overlays(run_dir / "overlays", test_ds, inference, args.overlays)
-        minutes = (time.time() - t_start) / 60
-        _log(dist, f"\nheld-out {args.test_split} ({len(test_ds)} images), best epoch {best_ckpt['epoch'] + 1}, "
-                   f"trained in {minutes:.1f} min:")
-        _log(dist, metrics.format_table(test_metrics, baseline))
-        _log(dist, f"run folder: {run_dir}")
-        result.update(test=test_metrics, baseline=baseline)
-    elif dist.main and stop_at < args.epochs:
-        _log(dist, f"stopped after epoch {stop_at}; continue with --resume {run_dir / 'checkpoint_last.pt'}")
+    stop_at = args.epochs if args.stop_after is None else min(args.epochs, run.start_epoch + args.stop_after)
+    try:
+        for epoch in range(run.start_epoch, stop_at):
+            row = train_one_epoch(run, epoch)
+            if dist.main:
+                score, val_metrics = validate(run, row)
+                run.history.append(row)
+                improved = score < run.best
+                run.best = min(run.best, score)
+                save_checkpoints(run, epoch, improved)
+                if run.tensorboard is not None:
+                    run.tensorboard.epoch(epoch + 1, row)
+                    _log_validation_images(run, epoch)
+                _log(dist, f"epoch {epoch + 1}: train loss {row['train_loss']:.5f}, val loss {row['val_loss']:.5f}, "
+                           f"val MRE {val_metrics['overall']['mre']:.3f} {val_metrics['unit']}, "
+                           f"{row['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
+            dist.barrier()
+        result = {"run_dir": run.run_dir, "history": run.history, "model": run.model, "config": run.config,
+                  "test": None, "baseline": None, "conformal": None, "time_s": time.time() - t_start}
+        if dist.main and stop_at == args.epochs and (run.run_dir / "checkpoint_best.pt").is_file():
+            result.update(final_report(run, t_start))
+        elif dist.main and stop_at < args.epochs:
+            _log(dist, f"stopped after epoch {stop_at}; continue with --resume {run.run_dir / 'checkpoint_last.pt'}")
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
     dist.barrier()
     return result
 

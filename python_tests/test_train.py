@@ -1,9 +1,12 @@
 """Training, checkpoints/resume, evaluation and prediction commands on tiny synthetic runs."""
 
+import csv
+import io
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,8 @@ TINY = ["--image-size", "64", "64", "--train-samples", "32", "--val-samples", "8
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
-    result = train.main(TINY + ["--epochs", "4", "--lr", "3e-3", "--out", str(out)])
+    # 12 validation images: enough to calibrate finite 90% conformal radii (at least 9 are needed).
+    result = train.main(TINY + ["--epochs", "4", "--lr", "3e-3", "--val-samples", "12", "--out", str(out)])
     return result
 
 
@@ -30,9 +34,14 @@ def test_short_training_run_loss_falls_and_writes_the_run_folder(tiny_run):
     assert history[-1]["train_loss"] < 0.95 * history[0]["train_loss"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     run = tiny_run["run_dir"]
-    for name in ("config.json", "metrics.json", "metrics.csv", "checkpoint_best.pt", "checkpoint_last.pt",
-                 "test_metrics.json"):
+    for name in ("config.json", "config.yaml", "metrics.json", "metrics.csv", "checkpoint_best.pt",
+                 "checkpoint_last.pt", "test_metrics.json"):
         assert (run / name).is_file(), name
+    from PIL import Image
+
+    for name, size in (("curves.png", (1000, 380)), ("per_landmark.png", (960, 380))):
+        with Image.open(run / name) as plot:  # a real PNG of the figure's size
+            assert plot.format == "PNG" and plot.size == size, name
     assert len(list((run / "overlays").glob("*.png"))) == 2
     csv_lines = (run / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 5
@@ -96,6 +105,30 @@ def test_losses_are_finite_and_differentiable(loss):
     assert logits.grad.abs().sum() > 0
 
 
+def test_baseline_losses_match_their_formulas():
+    import math
+
+    from coorkern import heatmap_loss, losses
+    from coorkern.reference import gaussian_heatmaps
+
+    logits = torch.randn(2, 3, 12, 10, dtype=torch.float64)
+    landmarks = torch.rand(2, 3, 2) * 9
+    target = gaussian_heatmaps(landmarks, 12, 10, 1.5).double()
+    p = torch.sigmoid(logits)
+    ratio = 12 * 10 / (2 * math.pi * 1.5**2)
+    wbce = -(ratio * target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    assert torch.allclose(losses.weighted_bce_loss(logits, landmarks, 1.5), wbce)
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    assert torch.allclose(losses.bce_loss(logits, landmarks, 1.5), bce)
+    assert torch.allclose(losses.focal_loss(logits, landmarks, 1.5, gamma=0.0), bce)  # gamma 0 is BCE
+    p_t = p * target + (1 - p) * (1 - target)
+    focal = (-(target * torch.log(p) + (1 - target) * torch.log(1 - p)) * (1 - p_t) ** 2).mean()
+    assert torch.allclose(losses.focal_loss(logits, landmarks, 1.5), focal)
+    assert train.compute_loss is heatmap_loss
+    with pytest.raises(ValueError, match="kind"):
+        heatmap_loss("mse", logits.float(), landmarks, 1.5)
+
+
 def test_cli_help_and_argument_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--help"])
@@ -133,10 +166,19 @@ def test_evaluate_and_predict_commands(tiny_run, tmp_path):
     (entry,) = result
     assert len(entry["landmarks_px"]) == 19 and len(entry["landmarks_mm"]) == 19
     assert entry["image_size"] == [80, 100]
+    quantile = torch.load(run / "checkpoint_best.pt", weights_only=True)["conformal"]["quantile"]
+    # Radii calibrated in the model's 64x64 pixels, mapped to this 100x80 image (the larger scale, 100/64).
+    assert entry["radius_px"] == pytest.approx([q * 100 / 64 for q in quantile], abs=1e-3)
+    assert entry["radius_mm"] == pytest.approx([q * 100 / 64 * 0.1 for q in quantile], abs=1e-3)
+    assert entry["landmarks"][3] == {"landmark": 3, "x": entry["landmarks_px"][3][0], "y": entry["landmarks_px"][3][1],
+                                     "x_mm": entry["landmarks_mm"][3][0], "y_mm": entry["landmarks_mm"][3][1],
+                                     "confidence": entry["confidence"][3], "radius_px": entry["radius_px"][3],
+                                     "radius_mm": entry["radius_mm"][3], "coverage": 0.9}
     assert (tmp_path / "pred" / "xray_landmarks.png").is_file()
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text())[0]["image"] == str(image)
-    with pytest.raises(SystemExit):
-        predict.main(["--checkpoint", str(run), str(tmp_path / "missing.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--checkpoint", str(run), str(tmp_path / "missing.png"), "--out", str(tmp_path / "none")])
+    assert exit_info.value.code == 1 and not (tmp_path / "none").exists()  # nothing predicted, nothing written
 
 
 def test_module_help_runs_as_a_command():
@@ -192,12 +234,110 @@ def test_hand_data_with_data_options_and_predict_in_mm(tmp_path):
     assert exit_info.value.code == 2
 
 
-def test_text_progress_bar_without_tqdm(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
-    bar = train._Progress(3, "epoch 1/1", enabled=True)
-    assert bar.bar is None
-    for _ in range(3):
-        bar.update(loss="0.1", lr="1e-3", img_s="5.0")
-    bar.close()
-    err = capsys.readouterr().err
-    assert "epoch 1/1 [" in err and "3/3 loss=0.1, lr=1e-3, img_s=5.0" in err
+def test_conformal_radii_are_stored_at_the_end_of_training_and_evaluated(tiny_run, tmp_path):
+    from coorkern import evaluate
+
+    run = tiny_run["run_dir"]
+    calibration = torch.load(run / "checkpoint_best.pt", weights_only=True)["conformal"]
+    assert calibration["coverage"] == 0.9 and calibration["split"] == "val" and calibration["count"] == [12] * 19
+    assert all(0 < q < float("inf") for q in calibration["quantile"])
+    assert "conformal" not in torch.load(run / "checkpoint_last.pt", weights_only=True)
+    test_report = json.loads((run / "test_metrics.json").read_text())
+    assert 0.0 <= test_report["conformal"]["overall"] <= 1.0 and len(test_report["conformal"]["per_landmark"]) == 19
+    # On the calibration split itself every landmark is covered at least at the requested rate.
+    report = evaluate.main(["--checkpoint", str(run), "--split", "val", "--out", str(tmp_path / "val"),
+                            "--overlays", "0"])
+    assert min(report["conformal"]["per_landmark"]) >= 0.9
+    assert (tmp_path / "val" / "per_landmark.png").is_file()
+
+
+class BlobFinder(torch.nn.Module):
+    """Stands in for a trained detector: each heatmap is the (normalized) input itself, as log-probabilities."""
+
+    def __init__(self, num_landmarks: int) -> None:
+        super().__init__()
+        self.num_landmarks = num_landmarks
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        lo, hi = flat.min(1).values[:, None, None, None], flat.max(1).values[:, None, None, None]
+        p = ((x - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)
+        return torch.logit(p).expand(-1, self.num_landmarks, -1, -1)
+
+
+def _blob_png(path, size, center, sigma):
+    from PIL import Image
+
+    h, w = size
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    blob = torch.exp(-((xs - center[0]) ** 2 + (ys - center[1]) ** 2) / (2 * sigma**2))
+    Image.fromarray((blob * 65535).round().to(torch.int32).numpy().astype("uint16")).save(path)
+
+
+def test_predicted_coordinates_match_known_positions_in_any_image_size(tiny_run, tmp_path, monkeypatch):
+    """Bright blobs at known sub-pixel positions in images of other sizes than the model's 64x64 input."""
+    from coorkern import predict
+
+    monkeypatch.setattr(predict, "model_from_checkpoint", lambda ckpt, device: BlobFinder(19))
+    cases = {"wide.png": ((150, 200), (123.4, 45.6), 9.0), "small.png": ((48, 40), (20.3, 30.7), 3.0),
+             "same.png": ((64, 64), (10.5, 50.2), 2.5)}
+    for name, (size, center, sigma) in cases.items():
+        _blob_png(tmp_path / name, size, center, sigma)
+    results = predict.main(["--checkpoint", str(tiny_run["run_dir"]), str(tmp_path / "*.png"), "--spacing", "0.2",
+                            "0.1", "--out", str(tmp_path / "out"), "--no-progress", "--batch-size", "2"])
+    assert [Path(r["image"]).name for r in results] == sorted(cases)
+    for entry in results:
+        size, center, _ = cases[Path(entry["image"]).name]
+        assert entry["image_size"] == list(size)
+        record = entry["landmarks"][7]
+        assert record["x"] == pytest.approx(center[0], abs=0.25) and record["y"] == pytest.approx(center[1], abs=0.25)
+        assert record["x_mm"] == pytest.approx(record["x"] * 0.2, abs=1e-3)
+        assert record["y_mm"] == pytest.approx(record["y"] * 0.1, abs=1e-3)
+        assert entry["spacing_source"] == "given" and 0.9 < record["confidence"] <= 1.0
+
+
+def test_predict_takes_millimetres_from_the_image_header(tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("SimpleITK")
+    from format_fixtures import write_itk
+
+    from coorkern import predict
+
+    monkeypatch.setattr(predict, "model_from_checkpoint", lambda ckpt, device: BlobFinder(19))
+    ys, xs = torch.meshgrid(torch.arange(90.0), torch.arange(120.0), indexing="ij")
+    blob = torch.exp(-((xs - 70.3) ** 2 + (ys - 30.6) ** 2) / (2 * 6.0**2))
+    write_itk(tmp_path / "scan.mha", (blob * 1000).round().short().numpy(), spacing=(0.3, 0.2))
+    (entry,) = predict.main(["--checkpoint", str(tiny_run["run_dir"]), str(tmp_path / "scan.mha"), "--out",
+                             str(tmp_path / "out"), "--no-progress"])
+    assert entry["spacing_source"] == "image header" and entry["spacing_mm"] == [0.3, 0.2]
+    record = entry["landmarks"][0]
+    assert record["x"] == pytest.approx(70.3, abs=0.25) and record["y"] == pytest.approx(30.6, abs=0.25)
+    assert (record["x_mm"], record["y_mm"]) == pytest.approx((record["x"] * 0.3, record["y"] * 0.2), abs=1e-3)
+    # The radius in mm: model pixels -> this image's pixels (120/64 wide, 90/64 high) -> mm, the larger axis.
+    assert record["radius_mm"] == pytest.approx(record["radius_px"] / (120 / 64) * max(120 / 64 * 0.3, 90 / 64 * 0.2),
+                                                rel=1e-3)
+
+
+def test_predict_skips_unreadable_files_and_exits_non_zero(tiny_run, tmp_path, capsys):
+    from PIL import Image
+
+    from coorkern import predict
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (100, 80), 90).save(folder / "a.png")
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(folder / "b.bmp")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing an image holds")
+    (folder / "notes.txt").write_text("not an image, and not an image file name: ignored")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--checkpoint", str(tiny_run["run_dir"]), str(folder), str(tmp_path / "missing.png"),
+                      "--format", "csv", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "missing.png" in captured.err and "notes.txt" not in captured.err
+    assert "2 input(s) could not be read" in captured.err
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert (tmp_path / "out" / "predictions.csv").read_text() == captured.out
+    assert len(rows) == 2 * 19 and sorted({Path(r["image"]).name for r in rows}) == ["a.png", "b.bmp"]
+    assert list(rows[0]) == list(predict.CSV_FIELDS)
+    assert rows[0]["x_mm"] == "" and float(rows[0]["radius_px"]) > 0 and rows[0]["coverage"] == "0.9"
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a_landmarks.png", "b_landmarks.png"]
