@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import data as data_mod
-from ._runs import HelpFormatter, atomic_write_bytes, description, write_json
+from ._runs import HelpFormatter, atomic_write_bytes, description, positive_int, prog, write_json
 from .profiles import PROFILE_CHOICES, PROFILES
 
 __all__ = ["STUDIES", "Run", "build_parser", "main", "plan_runs", "train_command"]
@@ -114,18 +114,8 @@ def _seeds(text: str) -> list:
     return seeds
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m coorkern.experiments", description=description(__doc__),
+    p = argparse.ArgumentParser(prog=prog("experiments"), description=description(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("--study", required=True, choices=(*STUDIES, "all"), help="which table/figure to reproduce")
     p.add_argument("--data", default="synthetic", choices=data_mod.DATASETS, help="dataset format")
@@ -133,12 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="auto", choices=PROFILE_CHOICES,
                    help="training profile of every run (coorkern.profiles)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="K (seeds 0..K-1) or a list 0,3,7")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="runs trained at the same time")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs trained at the same time")
+    p.add_argument("--threads", type=positive_int,
                    help="CPU threads in all (split between the jobs); default: the machine's cores")
     p.add_argument("--out", default="experiments", help="folder of the runs and the report")
-    p.add_argument("--epochs", type=_positive_int, help="override the profile's epochs")
-    p.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), help="override the input size")
+    p.add_argument("--epochs", type=positive_int, help="override the profile's epochs")
+    p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), help="override the input size")
     p.add_argument("--variants", help="comma-separated subset, e.g. bce,central or coor,swin "
                                       f"(names: {', '.join(v for s in STUDIES.values() for v in s['variants'])})")
     p.add_argument("--isbi-protocol", default="holdout", choices=("holdout", "paper"),
