@@ -97,14 +97,14 @@ def resolve_profile(requested: str, data: str, device) -> Optional[str]:
 def apply_profile(args, explicit: dict, device) -> Optional[str]:
     """Fill the options of ``args`` that are not in ``explicit`` (the command line's) from the profile.
 
-    Sets ``args.profile`` to the profile used (``"default"`` where none applies) and
+    Sets ``args.profile`` to the profile used (left as it is where none applies) and
     returns a line saying what was applied, or ``None``.
     """
     requested = args.profile
     name = resolve_profile(requested, args.data, device)
-    args.profile = name or "default"
     if name is None:
         return None
+    args.profile = name
     profile = PROFILES[name]
     for key, value in profile.options(args.data).items():
         if key not in explicit:

@@ -48,7 +48,7 @@ def test_cpu_profile_is_the_default_for_real_data_without_cuda_and_the_command_l
 def test_synthetic_data_keeps_the_training_commands_defaults():
     args, explicit = parse([])
     assert profiles.apply_profile(args, explicit, torch.device("cpu")) is None
-    assert args.profile == "default" and args.epochs is None and args.image_size is None
+    assert args.profile == "auto" and args.epochs is None and args.image_size is None
     with pytest.raises(ValueError, match="profile"):
         profiles.resolve_profile("fast", "isbi2015", "cpu")
     with pytest.raises(SystemExit):
