@@ -275,6 +275,19 @@ def _isbi_holdout_table(root, out: Path) -> Path:
     return path
 
 
+def _check_same_options(out: Path, common: Sequence[str]) -> None:
+    """A study folder keeps one set of training options: its finished runs are reused, so a
+    different ``--epochs``/``--profile``/... must go to another ``--out``."""
+    path = out / "study.json"
+    if path.is_file():
+        saved = json.loads(path.read_text()).get("train_args_common")
+        if saved != list(common):
+            raise ValueError(f"--out {out} holds runs trained with {shlex.join(saved or [])!r}, not "
+                             f"{shlex.join(common)!r}; its finished runs would be mixed in: use another --out")
+    else:
+        write_json(path, {"train_args_common": list(common)})
+
+
 def run_all(runs: list, common: Sequence[str], jobs: int, threads: int) -> list:
     """Train every unfinished run, ``jobs`` at a time; returns the results of those launched."""
     todo = [r for r in runs if not r.finished]
@@ -529,6 +542,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         common = _common_train_args(args)
     except (ValueError, data_mod.DatasetFormatError) as exc:
+        parser.error(str(exc))
+    try:
+        _check_same_options(out, common)
+    except ValueError as exc:
         parser.error(str(exc))
     runs = plan_runs(variants, args.seeds, out)
     total = args.threads or os.cpu_count() or 1

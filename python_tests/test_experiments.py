@@ -75,6 +75,13 @@ def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(tiny_study):
     assert "| focal | 1 |" in (out / "report.md").read_text()
 
 
+def test_a_study_folder_refuses_other_training_options(tiny_study, capsys):
+    out, _ = tiny_study
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.main([a if a != "2" else "3" for a in study_args(out)])  # --epochs 3
+    assert exit_info.value.code == 2 and "use another --out" in capsys.readouterr().err
+
+
 def test_runs_shared_between_studies_are_trained_once(tmp_path):
     variants = experiments.selected_variants(experiments.studies_of("all"), None)
     runs = experiments.plan_runs(variants, [0, 1], tmp_path)
