@@ -2,6 +2,7 @@
 
     python bench/attention.py [--sizes 8x32x832 4x32x3328 ...] [--dtypes fp32 bf16]
                               [--samples qk kv] [--reps 10] [--no-compile]
+                              [--impls grid+sdpa coorkern] [--threads 1] [--peak-gflops 232]
 
 Sizes are heads x d x N with B = 2 (the detector's: 8x32x832, 4x32x3328, 2x32x13312,
 2x64x13312 and the long case 1x64x16384); maps are H x W = N (W = 13 N / 16 rows of the
@@ -11,10 +12,17 @@ sample them (Nq = N in both modes).  Columns:
 * eager          -- F.grid_sample per sampled tensor + matmul / softmax / matmul
 * grid+sdpa      -- F.grid_sample + F.scaled_dot_product_attention, in the inputs' dtype
 * torch.compile  -- torch.compile of the eager version
-* coorkern       -- coorkern.coor_attention (Triton on CUDA, the C++ op on CPU)
+* coorkern       -- coorkern.coor_attention (Triton on CUDA, the C++ op on CPU: the
+                    hand-written kernel for d <= 128)
+* coorkern-aten  -- CPU only: the C++ op forced onto ATen's grid sampler + flash attention
+                    (COORKERN_CPU_ATTENTION=aten; what the op did before the kernel)
+* coorkern-kernel -- CPU only: the C++ op forced onto the kernel, backward included (the
+                    default rule runs ATen's backward for d > 8)
 
-Median time (ms), peak extra memory (MiB) of the step and, on a GPU, TFLOP/s counted
-as 4 B heads Nq N d for forward, 2.5x that for backward.  "fwd" is a training forward
+Median (GPU) or minimum (CPU, a shared machine: ``--stat``) time in ms, peak extra
+memory (MiB) of the step, and forward throughput counted as 4 B heads Nq N d FLOPs
+(TFLOP/s on a GPU with 2.5x that for backward; on a CPU GFLOP/s and the percentage of
+``--peak-gflops``, one core's fp32 FMA peak, with ``--threads`` threads).  "fwd" is a training forward
 (inputs require grad), "bwd" the backward alone (a fresh untimed forward before each),
 "fwd+bwd" one training step; the memory column is the step's.  On a CPU-only
 machine the default sizes are the ones an N x N eager baseline fits and finishes in
@@ -24,6 +32,7 @@ reasonable time (the first two detector sizes), and the output says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -40,7 +49,9 @@ import coorkern  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_SIZES = ["8x32x832", "4x32x3328", "2x32x13312", "2x64x13312", "1x64x16384"]
-CPU_SIZES = ["8x32x832", "4x32x3328"]
+CPU_SIZES = ["8x8x832", "4x8x3328", "8x16x832", "4x16x3328", "8x32x832", "4x32x3328", "2x64x3328"]
+CPU_IMPLS = ["grid+sdpa", "coorkern-aten", "coorkern-kernel", "coorkern"]
+GPU_IMPLS = ["eager", "grid+sdpa", "torch.compile", "coorkern"]
 BATCH = 2
 
 
@@ -87,6 +98,21 @@ def fused(q, k, v, coords, sample):
     return coorkern.coor_attention(q, k, v, coords, sample=sample)
 
 
+@contextlib.contextmanager
+def cpu_path(name):
+    """CPU only: "coorkern-aten" / "coorkern-kernel" force the C++ op's ATen fallback (the op
+    before the hand-written kernel) or its kernel, forward and backward, for the block."""
+    path = {"coorkern-aten": "aten", "coorkern-kernel": "kernel"}.get(name)
+    if path is None:
+        yield
+        return
+    os.environ["COORKERN_CPU_ATTENTION"] = path
+    try:
+        yield
+    finally:
+        os.environ.pop("COORKERN_CPU_ATTENTION", None)
+
+
 def make_inputs(heads, d, n, dtype, sample, device):
     h, w = map_shape(n)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -103,23 +129,43 @@ def make_inputs(heads, d, n, dtype, sample, device):
     return q, k, v, coords
 
 
-def time_backward(fwd, inputs, grad, device, reps):
-    """Median seconds of the backward alone (a fresh forward before each, not timed);
+_clock = time.perf_counter  # --clock process: time.process_time (CPU seconds of this process)
+
+
+def _stat(times, stat):
+    return min(times) if stat == "min" else statistics.median(times)
+
+
+def time_step(step, device, reps, stat):
+    """Seconds per ``step()`` (``stat`` over ``reps`` runs after one warm-up)."""
+    step()
+    times = []
+    for _ in range(reps):
+        _common.sync(device)
+        start = _clock()
+        step()
+        _common.sync(device)
+        times.append(_clock() - start)
+    return _stat(times, stat)
+
+
+def time_backward(fwd, inputs, grad, device, reps, stat):
+    """Seconds of the backward alone (a fresh forward before each, not timed);
     retain_graph is avoided because torch.compile's backward donates its buffers."""
     times = []
     for i in range(reps + 1):
         out = fwd()
         _common.sync(device)
-        start = time.perf_counter()
+        start = _clock()
         torch.autograd.grad(out, inputs, grad)
         _common.sync(device)
         if i:  # the first one is warm-up
-            times.append(time.perf_counter() - start)
+            times.append(_clock() - start)
         del out
-    return statistics.median(times)
+    return _stat(times, stat)
 
 
-def bench_one(fn, inputs, sample, device, reps):
+def bench_one(fn, inputs, sample, device, reps, stat):
     """(fwd s, bwd s, fwd+bwd s, fwd+bwd peak extra MiB); None where it ran out of memory."""
     q, k, v, coords = inputs
 
@@ -130,13 +176,14 @@ def bench_one(fn, inputs, sample, device, reps):
         out = fwd()
         grad = torch.randn_like(out)
         del out
-        t_fwd, _ = _common.measure(fwd, device, warmup=1, reps=reps)
-        t_bwd = time_backward(fwd, inputs, grad, device, reps)
+        t_fwd = time_step(fwd, device, reps, stat)
+        t_bwd = time_backward(fwd, inputs, grad, device, reps, stat)
 
         def step():
             torch.autograd.grad(fwd(), inputs, grad)
 
-        t_step, mem = _common.measure(step, device, warmup=1, reps=reps)
+        t_step = time_step(step, device, reps, stat)
+        _, mem = _common.measure(step, device, warmup=0, reps=1)
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # eager N x N at the long sizes
         if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
             raise
@@ -154,62 +201,90 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--markdown", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--impls", nargs="+", default=None, choices=GPU_IMPLS + ["coorkern-aten", "coorkern-kernel"],
+                        help=f"default: {' '.join(GPU_IMPLS)} on a GPU, {' '.join(CPU_IMPLS)} on a CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--stat", choices=["min", "median"], default=None,
+                        help="time statistic over --reps (default: median on a GPU, min on a CPU)")
+    parser.add_argument("--peak-gflops", type=float, default=232.0,
+                        help="one CPU core's fp32 FMA peak (GFLOP/s) for the %%-of-peak column; default: "
+                             "2 AVX-512 FMA/cycle measured on the 2-core Xeon VM of bench/RESULTS.md")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: CPU seconds of this process (all its threads), which a shared machine's "
+                             "other jobs do not inflate; compare with 1 thread")
     args = parser.parse_args()
+    global _clock
+    if args.clock == "process":
+        _clock = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = _common.default_device()
     on_gpu = device.type == "cuda"
     sizes = args.sizes or (GPU_SIZES if on_gpu else CPU_SIZES)
     dtypes = args.dtypes or (["fp32", "bf16"] if on_gpu else ["fp32"])
     reps = args.reps or (20 if on_gpu else 3)
+    stat = args.stat or ("median" if on_gpu else "min")
     note = ("Triton kernels" if on_gpu else
-            "CPU only: coorkern = the C++ op (ATen grid sampler + CPU flash attention); default sizes are the "
-            "detector sizes whose N x N eager baseline fits and runs in reasonable time on this CPU "
-            f"({', '.join(CPU_SIZES)}); fp32 only by default (bf16 matmuls are emulated on most CPUs)")
+            "CPU: coorkern = the C++ op (hand-written kernel: forward d <= 128, backward d <= 8), coorkern-aten / "
+            "coorkern-kernel = the same op forced onto ATen / the kernel; fp32 only by default")
     print(f"device: {_common.device_name(device)} ({note})")
     print(_common.threads_note())
 
-    impls = {"eager": eager, "grid+sdpa": grid_sdpa}
-    if not args.no_compile:
-        impls["torch.compile"] = torch.compile(eager)
-    impls["coorkern"] = fused
+    names = args.impls or (GPU_IMPLS if on_gpu else CPU_IMPLS)
+    if args.no_compile and "torch.compile" in names:
+        names = [n for n in names if n != "torch.compile"]
+    factories = {"eager": lambda: eager, "grid+sdpa": lambda: grid_sdpa, "torch.compile": lambda: torch.compile(eager),
+                 "coorkern": lambda: fused, "coorkern-aten": lambda: fused, "coorkern-kernel": lambda: fused}
+    impls = {name: factories[name]() for name in names}
 
     header = ["heads x d x N", "dtype", "sample", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
-              "fwd+bwd vs eager", "vs grid+sdpa"]
+              "fwd+bwd vs eager", "vs grid+sdpa", "fwd vs grid+sdpa"]
     if on_gpu:
         header += ["fwd TFLOP/s", "bwd TFLOP/s"]
+    else:
+        header += ["fwd GFLOP/s", "fwd % peak"]
     rows = []
     for size in sizes:
         heads, d, n = (int(x) for x in size.split("x"))
         for dtype_name in dtypes:
             for sample in args.samples:
                 inputs = make_inputs(heads, d, n, DTYPES[dtype_name], sample, device)
-                results = {name: bench_one(fn, inputs, sample, device, reps) for name, fn in impls.items()}
+                results = {}
+                for name, fn in impls.items():
+                    with cpu_path(name):
+                        results[name] = bench_one(fn, inputs, sample, device, reps, stat)
                 flops = 4 * BATCH * heads * n * n * d
                 for name, res in results.items():
                     if res is None:
-                        row = [size, dtype_name, sample, name, "OOM", "OOM", "OOM", "-", "-", "-"]
-                        rows.append(row + (["-", "-"] if on_gpu else []))
+                        row = [size, dtype_name, sample, name, "OOM", "OOM", "OOM", "-", "-", "-", "-"]
+                        rows.append(row + ["-", "-"])
                         continue
                     t_f, t_b, t_s, mem = res
 
-                    def ratio(base):
+                    def ratio(base, index=2):
                         other = results.get(base)
-                        return f"{other[2] / t_s:.2f}x" if other else "-"
+                        return f"{other[index] / res[index]:.2f}x" if other else "-"
 
                     row = [size, dtype_name, sample, name, f"{t_f * 1e3:.2f}", f"{t_b * 1e3:.2f}",
-                           f"{t_s * 1e3:.2f}", f"{mem:.0f}", ratio("eager"), ratio("grid+sdpa")]
+                           f"{t_s * 1e3:.2f}", f"{mem:.0f}", ratio("eager"), ratio("grid+sdpa"),
+                           ratio("grid+sdpa", 0)]
                     if on_gpu:
                         row += [f"{flops / t_f / 1e12:.1f}", f"{2.5 * flops / t_b / 1e12:.1f}"]
+                    else:
+                        gflops = flops / t_f / 1e9
+                        row += [f"{gflops:.1f}", f"{100 * gflops / (args.peak_gflops * torch.get_num_threads()):.0f}%"]
                     rows.append(row)
                     print(" | ".join(row), flush=True)
     table = _common.markdown_table(header, rows)
     print()
-    print(f"Machine: {_common.device_name(device)}; B = {BATCH}; {note}")
+    print(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs, {args.clock} clock; {note}")
     print()
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"Machine: {_common.device_name(device)}; B = {BATCH}; {note}\n\n{table}\n")
+            f.write(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs, {args.clock} clock; "
+                    f"{note}\n\n{table}\n")
 
 
 if __name__ == "__main__":

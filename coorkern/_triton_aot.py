@@ -31,6 +31,7 @@ class KernelReport:
     stack_bytes: int
     shared_bytes: int
     sass: str
+    ptx: str = ""  # filled with the SASS (with_sass=True)
 
     def count(self, mnemonic: str) -> int:
         """Occurrences of a SASS instruction, e.g. ``count("HGMMA")``."""
@@ -96,7 +97,8 @@ def _compile_in_process(req: CompileRequest) -> KernelReport:
             raise RuntimeError(f"cuobjdump printed no {name} field:\n{usage}")
         return int(match.group(1))
 
-    return KernelReport(req.arch, field("REG"), field("LOCAL"), field("STACK"), field("SHARED"), sass)
+    ptx = compiled.asm["ptx"] if req.with_sass else ""
+    return KernelReport(req.arch, field("REG"), field("LOCAL"), field("STACK"), field("SHARED"), sass, ptx)
 
 
 # ---- subprocess transport (JSON): triton dtypes travel as {"tl_dtype": name}

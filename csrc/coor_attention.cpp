@@ -1,6 +1,12 @@
 // Coordinate-indexed attention on CPU tensors: torch.ops.coorkern.coor_attention[_backward].
 //
-// Composes ATen's kernels (the issue: do not hand-write what ATen already does well):
+// Two implementations, one rule (attn::use_kernel, csrc/coor_attention_kernel.h): the
+// hand-written kernel (csrc/coor_attention_kernel.cpp: sampling fused into the tile loads,
+// flash softmax vectorized across tokens, per-ISA variants) runs the forward for d <= 128
+// and the backward for d <= 8, where it measured faster; ATen's composition below runs the
+// rest.  COORKERN_CPU_ATTENTION=aten|kernel forces either path.
+//
+// The ATen composition:
 //   forward : grid_sampler_2d per sampled tensor -> the CPU flash attention kernel
 //             (_scaled_dot_product_flash_attention_for_cpu), which also returns the
 //             log-sum-exp, so nothing N x N is ever allocated;
@@ -16,6 +22,8 @@
 // grid_sample.  Schemas must match SCHEMAS in coorkern/ops/coor_attention.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "coor_attention_kernel.h"
 
 #include <array>
 #include <string>
@@ -89,6 +97,8 @@ Operands sample_operands(const at::Tensor& q, const at::Tensor& k, const at::Ten
 std::tuple<at::Tensor, at::Tensor> coor_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const at::Tensor& coords, c10::string_view sample,
                                                       double scale, bool align_corners) {
+  check_sample(std::string(sample));
+  if (attn::use_kernel(q.size(-1), false)) return attn::forward(q, k, v, coords, sample == "qk", scale, align_corners);
   const auto o = sample_operands(q, k, v, coords, sample, align_corners);
   auto res = at::_scaled_dot_product_flash_attention_for_cpu(o.qs, o.ks, o.vs, 0.0, false, c10::nullopt, scale);
   auto out = std::get<0>(res).to(q.scalar_type()).contiguous();
@@ -100,6 +110,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coor_attention_backwa
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& coords, const at::Tensor& out, const at::Tensor& lse, c10::string_view sample,
     double scale, bool align_corners) {
+  check_sample(std::string(sample));
+  if (attn::use_kernel(q.size(-1), true)) {
+    return attn::backward(grad_out, q, k, v, coords, out, lse, sample == "qk", scale, align_corners);
+  }
   // Recompute the sampled tokens (O(N d), cheaper than keeping them alive since forward).
   const auto o = sample_operands(q, k, v, coords, sample, align_corners);
   const auto ct = compute_type(q);

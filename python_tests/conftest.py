@@ -1,16 +1,62 @@
-"""Test configuration: Triton kernels run on CPU tensors through the interpreter.
+"""Test configuration: where the Triton kernels run.
 
-TRITON_INTERPRET must be set before any module defining a ``@triton.jit`` kernel is
-imported, so it is set here, before pytest imports coorkern.
+Default: on CPU tensors through the Triton interpreter.  TRITON_INTERPRET must be set
+before any module defining a ``@triton.jit`` kernel is imported, so it is set here,
+before pytest imports coorkern.
+
+``COORKERN_TEST_DEVICE=cuda``: the CUDA tests (``python_tests/test_cuda_*.py``) run on
+CUDA tensors with the real Triton compiler; TRITON_INTERPRET is left unset (and must not
+be set by the caller).  The interpreter-based tests of the other files then report
+skipped, since CPU tensors cannot reach the Triton kernels without the interpreter.
+Without a CUDA device every CUDA test is collected and reports "skipped: no CUDA device"
+through the ``cuda_device`` fixture, whichever mode is chosen.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE_VAR = "COORKERN_TEST_DEVICE"
+TEST_DEVICE = os.environ.get(TEST_DEVICE_VAR, "cpu").strip().lower() or "cpu"
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"{TEST_DEVICE_VAR} must be 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+if TEST_DEVICE == "cuda":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise ValueError(f"{TEST_DEVICE_VAR}=cuda runs the real Triton compiler: unset TRITON_INTERPRET")
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's notice; keeps its default
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+CUDA_TEST_PREFIX = "test_cuda_"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on CUDA tensors (python_tests/test_cuda_*.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith(CUDA_TEST_PREFIX):
+            item.add_marker(pytest.mark.cuda)
+        elif TEST_DEVICE == "cuda":
+            item.add_marker(pytest.mark.skip(
+                reason=f"{TEST_DEVICE_VAR}=cuda runs only python_tests/{CUDA_TEST_PREFIX}*.py; this test needs "
+                       "TRITON_INTERPRET=1 (the default mode)"))
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    """``torch.device("cuda")``, or skip the test with "no CUDA device".
+
+    In the default (interpreter) mode a CUDA machine would still run these tests, but the
+    kernels were imported as interpreter objects: skip then too, naming the switch.
+    """
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if TEST_DEVICE != "cuda":
+        pytest.skip(f"CUDA tests need {TEST_DEVICE_VAR}=cuda (the Triton kernels are interpreted in this run)")
+    return torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)

@@ -26,11 +26,38 @@ gradient instead of saving it from the forward; per element (n = numel, b bytes)
 so recomputing moves the same or fewer bytes and holds no extra n-sized buffer
 between forward and backward (the math is ~30 FLOPs/element, far below the
 H100's FLOP:byte balance).  Reductions write one partial sum per program and
-finish with a device-side ``sum`` (no host sync, no atomics: deterministic).
+finish in a one-program kernel that adds them in a fixed order, divides by numel for
+"mean" and casts to the logits' dtype (no host sync, no atomics: deterministic).  A
+forward is therefore 1 launch ("none") or 2, a backward 1 (plus copies of non-contiguous
+inputs).  The grid is 1-D (B*L rows x chunks), so B*L is not bounded by the 65535 limit
+of grid axes 1 and 2.  float scalars are fp64 kernel parameters (Triton's launcher would
+pass plain Python floats as fp32) and launches run under the tensors' device guard.
+On CUDA the launch configuration is autotuned (``TUNING_CONFIGS``, hand-picked one first;
+never under the interpreter).  With torch >= 2.6 the Python API reaches the kernels through
+``torch.library.triton_op`` ops (``coorkern::central_loss_triton[_backward]``, kernels
+wrapped by ``wrap_triton``) that torch.compile/Inductor and torch.export can see into; the
+C++-schema ops ``coorkern::central_loss*`` keep their opaque CUDA kernels for dispatcher
+callers, and torch 2.4/2.5 (no triton_op) use those from Python too.
+
+SASS instructions per element of the loop body (fp32, r = 2, 8 warps; growth of the
+static count from 4 to 8 elements per thread, ``test_sass_instructions_per_element``),
+before -> after one reciprocal (no second division: log1p from log(u) and the exact
+rounding error of u = 1 + e), 32-bit in-row offsets and a float32 row/column split:
+
+    variant            pass      sm_80           sm_90
+    from landmarks     forward   98.3 -> 74.3    100.8 -> 73.5
+    from landmarks     backward  110.3 -> 81.8   116.8 -> 79.5
+    target tensor      forward   73.3 -> 58.0    80.8 -> 57.5
+    target tensor      backward  84.0 -> 65.0    99.8 -> 64.8
+
+(triton 3.9, AOT compiles via ``coorkern._triton_aot``; nothing here ran on a GPU.  With
+triton 3.7.1 the "after" counts are 80.5 / 85.0 / 59.5 / 68.0 on sm_80 and 80.5 / 85.8 /
+61.5 / 67.8 on sm_90.)
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -59,12 +86,16 @@ def _central_loss_terms(x, t, r, R_INT: tl.constexpr, NEED_GRAD: tl.constexpr):
     """
     e = tl.exp(-tl.abs(x))
     u = 1.0 + e
-    inv_u = 1.0 / u
-    p = tl.where(x >= 0.0, inv_u, e * inv_u)  # sigmoid(x)
-    q = tl.where(x >= 0.0, e * inv_u, inv_u)  # 1 - sigmoid(x), without cancellation
-    # log(1 + e) without libdevice log1p: log(u) * e / (u - 1) cancels the rounding of
-    # u = 1 + e (Goldberg's trick); u == 1 means e is below half an ulp.
-    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    inv_u = 1.0 / u  # the only reciprocal per element
+    pos = x >= 0.0
+    e_inv_u = e * inv_u
+    p = tl.where(pos, inv_u, e_inv_u)  # sigmoid(x)
+    q = tl.where(pos, e_inv_u, inv_u)  # 1 - sigmoid(x), without cancellation
+    # log(1 + e) = log(u) + log(1 + (1 + e - u) / u): the rounding error of u = fl(1 + e) is
+    # exactly e - (u - 1) (u - 1 is exact for u in [1, 2]) and its log is its first-order
+    # term (the next one is below 2^-46).  One FMA instead of libdevice log1p or a second
+    # division (Goldberg's log(u) * e / (u - 1)); u == 1 gives e, as log1p does.
+    log1p_e = tl.log(u) + (e - (u - 1.0)) * inv_u
     log_p = tl.minimum(x, 0.0) - log1p_e  # log sigmoid(x)
     log_q = -tl.maximum(x, 0.0) - log1p_e  # log(1 - sigmoid(x))
     bce = -(t * log_p + (1.0 - t) * log_q)
@@ -86,68 +117,135 @@ def _central_loss_terms(x, t, r, R_INT: tl.constexpr, NEED_GRAD: tl.constexpr):
     loss = w * bce
     grad = loss
     if NEED_GRAD:
-        dw = tl.where(d != 0.0, tl.where(d > 0.0, -r, r) * mag, 0.0)  # taken as 0 at t == p
+        dw = tl.where(d != 0.0, tl.where(d > 0.0, -mag, mag) * r, 0.0)  # taken as 0 at t == p
         grad = dw * bce + w * (p - t)
     return loss, grad
 
 
 @triton.jit
+def _pixel_row_col(pix, width, ACC: tl.constexpr, FAST_ROW: tl.constexpr):
+    """Row and column (in ``ACC``) of flat pixel indices ``pix`` (int32) in maps ``width`` wide.
+
+    ``FAST_ROW`` (maps of fewer than 2^22 pixels): ``floor((pix + 0.5) / width)`` in float32
+    is exact -- the quotient lies at least 0.5/width from an integer and float32 rounding
+    moves it by less than quotient * 2^-23 -- and costs 4 instructions instead of an
+    integer division.
+    """
+    if FAST_ROW:
+        width_f = width.to(tl.float32)
+        pix_f = pix.to(tl.float32)
+        row = tl.floor((pix_f + 0.5) * (1.0 / width_f))
+        col = pix_f - row * width_f  # exact: integers below 2^24
+        return row.to(ACC), col.to(ACC)
+    row_i = pix // width
+    return row_i.to(ACC), (pix - row_i * width).to(ACC)
+
+
+@triton.jit
 def _central_loss_kernel(
-    x_ptr,  # logits, contiguous, viewed as (outer, inner)
+    x_ptr,  # logits, contiguous, viewed as (rows, inner)
     t_ptr,  # target (same layout) -- unused when FROM_LANDMARKS
-    lm_ptr,  # landmarks (outer, 2) as (x, y) -- used when FROM_LANDMARKS
+    lm_ptr,  # landmarks (rows, 2) as (x, y) -- used when FROM_LANDMARKS
     grad_out_ptr,  # MODE_GRAD: grad of the loss output (scalar or per element)
-    out_ptr,  # MODE_LOSS_NONE: loss; MODE_LOSS_SUM: partials (outer, programs); MODE_GRAD: grad
-    inner,  # elements per row of the (outer, inner) view; H*W for landmarks
+    out_ptr,  # MODE_LOSS_NONE: loss; MODE_LOSS_SUM: one partial per program; MODE_GRAD: grad
+    inner,  # elements per row: H*W (landmarks) or numel (target, one row)
+    chunks_per_row,  # programs per row
     width,  # W (landmarks only)
-    r,
-    inv_two_sigma2,
-    radius2,
-    grad_scale,  # 1/numel for mean, 1 for sum/none
+    # float64 on purpose: Triton's launcher passes plain Python floats as fp32, which
+    # would round r, 1/(2 sigma^2), radius^2 and 1/numel for float64 inputs.
+    r: tl.float64,
+    inv_two_sigma2: tl.float64,
+    radius2: tl.float64,
+    grad_scale: tl.float64,  # 1/numel for mean, 1 for sum/none
     MODE: tl.constexpr,
     FROM_LANDMARKS: tl.constexpr,
     HAS_RADIUS: tl.constexpr,
     GRAD_OUT_SCALAR: tl.constexpr,
     R_INT: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    FAST_ROW: tl.constexpr,
+    CHUNK: tl.constexpr,  # elements per program (fixed: the partial-sum count must not depend on tuning)
+    ARCH: tl.constexpr,  # compute capability (autotuning key only)
+    BLOCK: tl.constexpr,  # elements per loop step (tuned)
 ):
     # Per element: read x (+ t), write loss or grad (+ read grad_out for "none"), i.e.
-    # 8-12 bytes in fp32; ~35 FLOPs, 1 exp + 1 log + 2 div (+1 exp for the Gaussian,
-    # +2-3 exp/log for non-integer r): memory bound on an H100 for integer r.
-    pid_inner = tl.program_id(0)
-    row_id = tl.program_id(1)
-    local = pid_inner.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = local < inner
-    offs = row_id.to(tl.int64) * inner + local  # int64: numel may exceed 2^31
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    # 8-12 bytes in fp32; memory bound on an H100 for integer r.  The grid is 1-D
+    # (rows x chunks_per_row programs), so B*L is not limited to 65535 rows.
+    pid = tl.program_id(0)
     if FROM_LANDMARKS:
-        pix = local.to(tl.int32)  # H*W < 2^31 is checked on the host
-        row = pix // width
-        col = pix - row * width
-        lx = tl.load(lm_ptr + row_id * 2).to(ACC)
-        ly = tl.load(lm_ptr + row_id * 2 + 1).to(ACC)
-        dx = col.to(ACC) - lx
-        dy = row.to(ACC) - ly
-        dist2 = dx * dx + dy * dy
-        t = tl.exp(-dist2 * inv_two_sigma2)
-        if HAS_RADIUS:
-            t = tl.where(dist2 > radius2, 0.0, t)
-        t = tl.where((lx == lx) & (ly == ly), t, 0.0)  # NaN landmark = missing: target 0
+        row_id = pid // chunks_per_row
+        chunk = pid - row_id * chunks_per_row
     else:
-        t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC)
-    loss, grad = _central_loss_terms(x, t, r, R_INT, MODE == 2)
-    if MODE == 0:
-        tl.store(out_ptr + offs, loss.to(out_ptr.dtype.element_ty), mask=mask)
-    elif MODE == 1:
-        partial = tl.sum(tl.where(mask, loss, 0.0), axis=0)
-        tl.store(out_ptr + row_id.to(tl.int64) * tl.num_programs(0) + pid_inner, partial)
-    else:
+        row_id = pid * 0
+        chunk = pid
+    first = chunk.to(tl.int64) * CHUNK  # first element of this program within its row
+    base = row_id.to(tl.int64) * inner + first  # int64 once per program; 32-bit offsets below
+    count = tl.minimum(inner - first, CHUNK).to(tl.int32)
+    if ACC != tl.float64:  # the float64 arguments in the fp32 compute dtype, once
+        # (not through a helper: the interpreter passes Python floats, which a helper's
+        # return or tl.cast would round through fp32 for float64 inputs too)
+        r = tl.cast(r, ACC)
+        inv_two_sigma2 = tl.cast(inv_two_sigma2, ACC)
+        radius2 = tl.cast(radius2, ACC)
+        grad_scale = tl.cast(grad_scale, ACC)
+    if FROM_LANDMARKS:
+        lx = tl.load(lm_ptr + row_id.to(tl.int64) * 2).to(ACC)
+        ly = tl.load(lm_ptr + row_id.to(tl.int64) * 2 + 1).to(ACC)
+        # A missing landmark (NaN) moves to infinity: its target exp(-inf) is 0 everywhere,
+        # without a per-element select.
+        missing = (lx != lx) | (ly != ly)
+        lx = tl.where(missing, float("inf"), lx)
+        ly = tl.where(missing, float("inf"), ly)
+        pix0 = first.to(tl.int32)  # H*W < 2^31 is checked on the host
+    if MODE == 2:
         if GRAD_OUT_SCALAR:
-            g_out = tl.load(grad_out_ptr).to(ACC) * grad_scale
+            g_scalar = tl.load(grad_out_ptr).to(ACC) * grad_scale
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    x_row = x_ptr + base
+    out_row = out_ptr + base
+    for start in range(0, count, BLOCK):
+        local = start + tl.arange(0, BLOCK)
+        mask = local < count
+        x = tl.load(x_row + local, mask=mask, other=0.0).to(ACC)
+        if FROM_LANDMARKS:
+            row, col = _pixel_row_col(pix0 + local, width, ACC, FAST_ROW)
+            dx = col - lx
+            dy = row - ly
+            dist2 = dx * dx + dy * dy
+            t = tl.exp(-dist2 * inv_two_sigma2)
+            if HAS_RADIUS:
+                t = tl.where(dist2 > radius2, 0.0, t)
         else:
-            g_out = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + offs, (grad * g_out).to(out_ptr.dtype.element_ty), mask=mask)
+            t = tl.load(t_ptr + base + local, mask=mask, other=0.0).to(ACC)
+        loss, grad = _central_loss_terms(x, t, r, R_INT, MODE == 2)
+        if MODE == 0:
+            tl.store(out_row + local, loss.to(out_ptr.dtype.element_ty), mask=mask)
+        elif MODE == 1:
+            acc += tl.where(mask, loss, 0.0)
+        else:
+            if GRAD_OUT_SCALAR:
+                g_out = g_scalar
+            else:
+                g_out = tl.load(grad_out_ptr + base + local, mask=mask, other=0.0).to(ACC)
+            tl.store(out_row + local, (grad * g_out).to(out_ptr.dtype.element_ty), mask=mask)
+    if MODE == 1:
+        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _finish_sum_kernel(partials_ptr, out_ptr, count, divisor: tl.float64, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: out = sum(partials) / divisor, in a fixed order, cast to out's dtype.
+
+    Replaces the sum, divide and cast that followed the loss pass (3 launches).
+    """
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, count, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partials_ptr + offs, mask=offs < count, other=0.0)
+    if ACC != tl.float64:
+        divisor = tl.cast(divisor, ACC)
+    total = tl.sum(acc, axis=0) / divisor
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
 
 
 def integer_power(r: float) -> int:
@@ -155,52 +253,118 @@ def integer_power(r: float) -> int:
     return int(r) if r in (0.0, 1.0, 2.0, 3.0, 4.0) else -1
 
 
-def _launch_config() -> tuple[int, int]:
-    # The interpreter costs ~1 ms per program instance: use few, large blocks there.
-    if _backend.triton_interpreter_enabled():
-        return 16384, 4
-    return 2048, 8
+# CUDA launch configurations (BLOCK, num_warps) autotuned per (mode, variant, r, dtype,
+# arch); the hand-picked choice first; 8 elements per thread except in the 1024 x 4 one.
+# CHUNK stays fixed so that the number of partial sums does not depend on the choice.
+# float64 keeps to BLOCK <= 2048: 16 warps cap a thread at 128 registers and the general-r
+# fp64 kernels then spill.  The interpreter (~1 ms per program instance) runs one large
+# block per program and no autotuning.
+TUNING_CONFIGS = ((2048, 8), (1024, 4), (4096, 16))
+FLOAT64_MAX_BLOCK = 2048
+CUDA_CHUNK = 8192
+INTERPRETER_CHUNK = 16384
+FINISH_BLOCK = 1024
+FAST_ROW_PIXELS = 1 << 22  # below this, _pixel_row_col's float32 row is exact
+
+
+def tuning_configs(float64: bool) -> list[tuple[int, int]]:
+    """The (BLOCK, num_warps) choices the CUDA autotuner tries for a dtype."""
+    return [(b, w) for b, w in TUNING_CONFIGS if not float64 or b <= FLOAT64_MAX_BLOCK]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    float64 = kwargs.get("ACC") == tl.float64
+    allowed = tuning_configs(float64)
+    return [c for c in configs if (c.kwargs["BLOCK"], c.num_warps) in allowed]
+
+
+_tuned_kernel = None
+
+
+def _cuda_kernel():
+    global _tuned_kernel
+    if _tuned_kernel is None:
+        configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in TUNING_CONFIGS]
+        key = ["MODE", "FROM_LANDMARKS", "HAS_RADIUS", "GRAD_OUT_SCALAR", "R_INT", "ARCH"]  # + tensor dtypes
+        _tuned_kernel = triton.autotune(configs=configs, key=key,
+                                        prune_configs_by={"early_config_prune": _prune_configs})(_central_loss_kernel)
+    return _tuned_kernel
+
+
+# torch.library.triton_op / wrap_triton (torch >= 2.6): the CUDA kernels become visible to
+# torch.compile/Inductor and torch.export (AOTInductor embeds them).  Older torch keeps the
+# opaque register_kernel path below.
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def _launch(kernel, grid, *args, **meta):
+    """Every kernel launch of this module goes through here (tests count them)."""
+    if HAS_TRITON_OP and args[0].device.type == "cuda":  # the interpreter's kernels are not wrappable
+        kernel = torch.library.wrap_triton(kernel)
+    kernel[grid](*args, **meta)
+
+
+def _device_guard(tensor: torch.Tensor):
+    """Launch on the tensors' device (and its current stream), not the current device."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _triton_pass(mode, logits, target, landmarks, sigma, r, reduction, radius, grad_output=None):
-    """One kernel pass over ``logits``; returns loss, partial sums or the gradient."""
+    """One kernel pass over ``logits`` (+ the finishing sum); returns loss or gradient."""
     x = logits.contiguous()
     numel = x.numel()
     if landmarks is not None:
-        height, width = x.shape[-2], x.shape[-1]
-        inner, outer = height * width, numel // max(height * width, 1)
-        data = landmarks.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        data = data.contiguous()
-        t = data  # unused pointer slot
+        width = x.shape[-1]
+        inner = x.shape[-2] * width
+        rows = numel // inner if inner else 0
+        t = data = landmarks.contiguous()  # any float dtype: the kernel converts on load
     else:
-        width, inner, outer = 1, numel, 1
-        t = target.contiguous()
-        data = t  # unused pointer slot
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    block, num_warps = _launch_config()
-    programs = triton.cdiv(inner, block)
+        width, inner, rows = 1, numel, 1
+        t = data = target.contiguous()
+    interpreted = x.device.type == "cpu"
+    chunk = INTERPRETER_CHUNK if interpreted else CUDA_CHUNK
+    chunks_per_row = triton.cdiv(inner, chunk)
+    programs = rows * chunks_per_row
+    acc_dtype = _compute_dtype(x.dtype)
 
     if mode == _MODE_LOSS_SUM:
-        out = torch.empty((outer, programs), device=x.device, dtype=acc_dtype)
+        out = torch.empty(max(programs, 1), device=x.device, dtype=acc_dtype)
     else:
         out = torch.empty_like(x)
-    g_out = grad_output
     scalar_grad = reduction != "none"
+    g_out = x  # unused pointer slot unless MODE_GRAD
     if mode == _MODE_GRAD:
         g_out = grad_output if scalar_grad else grad_output.expand_as(x).contiguous()
-    if numel > 0:
-        _central_loss_kernel[(programs, outer)](
-            x, t, data, g_out if g_out is not None else x, out,
-            inner, width, float(r),
-            1.0 / (2.0 * sigma * sigma), float(radius) ** 2 if radius is not None else 0.0,
-            1.0 / numel if reduction == "mean" else 1.0,
-            MODE=mode, FROM_LANDMARKS=landmarks is not None, HAS_RADIUS=radius is not None,
-            GRAD_OUT_SCALAR=scalar_grad, R_INT=integer_power(r), ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            BLOCK=block, num_warps=num_warps,
-        )
-    if mode == _MODE_LOSS_SUM:
-        total = out.sum()
-        return (total / numel if reduction == "mean" else total).to(logits.dtype)
+    if interpreted:
+        kernel, meta = _central_loss_kernel, {"BLOCK": chunk, "ARCH": 0}
+    else:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        kernel, meta = _cuda_kernel(), {"ARCH": 10 * major + minor}
+    with _device_guard(x):
+        if programs > 0:
+            _launch(
+                kernel, (programs,),
+                x, t, data, g_out, out,
+                inner, chunks_per_row, width, float(r),
+                1.0 / (2.0 * sigma * sigma), float(radius) ** 2 if radius is not None else 0.0,
+                1.0 / numel if reduction == "mean" else 1.0,
+                MODE=mode, FROM_LANDMARKS=landmarks is not None, HAS_RADIUS=radius is not None,
+                GRAD_OUT_SCALAR=scalar_grad, R_INT=integer_power(r), ACC=_tl_dtype(x.dtype),
+                FAST_ROW=inner < FAST_ROW_PIXELS, CHUNK=chunk, **meta,
+            )
+        if mode == _MODE_LOSS_SUM:
+            total = torch.empty((), device=x.device, dtype=logits.dtype)
+            _launch(_finish_sum_kernel, (1,), out, total, programs, float(numel) if reduction == "mean" else 1.0,
+                    ACC=_tl_dtype(x.dtype), BLOCK=FINISH_BLOCK)
+            return total
     return out.view(logits.shape)
 
 
@@ -313,6 +477,58 @@ torch.library.register_autograd("coorkern::central_loss", _cl_backward, setup_co
 torch.library.register_autograd("coorkern::central_loss_from_landmarks", _lm_backward, setup_context=_setup_context)
 
 
+def _triton_op_forward(logits: torch.Tensor, data: torch.Tensor, sigma: float, r: float, reduction: str,
+                       radius: Optional[float], from_landmarks: bool) -> torch.Tensor:
+    target, landmarks = (None, data) if from_landmarks else (data, None)
+    return _triton_loss(logits, target, landmarks, sigma, r, reduction, radius)
+
+
+def _triton_op_backward(grad_output: torch.Tensor, logits: torch.Tensor, data: torch.Tensor, sigma: float, r: float,
+                        reduction: str, radius: Optional[float], from_landmarks: bool) -> torch.Tensor:
+    target, landmarks = (None, data) if from_landmarks else (data, None)
+    return _triton_grad(grad_output, logits, target, landmarks, sigma, r, reduction, radius)
+
+
+_TRITON_OP_SCHEMAS = {
+    "central_loss_triton": "(Tensor logits, Tensor data, float sigma, float r, str reduction, float? radius, "
+                           "bool from_landmarks) -> Tensor",
+    "central_loss_triton_backward": "(Tensor grad_output, Tensor logits, Tensor data, float sigma, float r, "
+                                    "str reduction, float? radius, bool from_landmarks) -> Tensor",
+}
+
+if HAS_TRITON_OP:
+    _triton_fwd_op = torch.library.triton_op("coorkern::central_loss_triton", _triton_op_forward, mutates_args=(),
+                                             schema=_TRITON_OP_SCHEMAS["central_loss_triton"])
+    _triton_bwd_op = torch.library.triton_op("coorkern::central_loss_triton_backward", _triton_op_backward,
+                                             mutates_args=(),
+                                             schema=_TRITON_OP_SCHEMAS["central_loss_triton_backward"])
+
+    def _triton_op_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.params = inputs[2:]
+
+    def _triton_op_autograd(ctx, grad_output):
+        logits, data = ctx.saved_tensors
+        grad = _triton_bwd_op(grad_output, logits, data, *ctx.params)
+        return (grad,) + (None,) * 6
+
+    _triton_fwd_op.register_autograd(_triton_op_autograd, setup_context=_triton_op_setup_context)
+
+
+def _triton_apply(logits, target, landmarks, sigma, r, reduction, radius):
+    """The Triton kernels with autograd: through the triton_op where torch has it (CUDA, and
+    CPU tensors under the interpreter, eagerly), else the opaque ops / the CPU wiring."""
+    from_landmarks = landmarks is not None
+    if HAS_TRITON_OP:
+        return _triton_fwd_op(logits, landmarks if from_landmarks else target, sigma, r, reduction, radius,
+                              from_landmarks)
+    if logits.device.type == "cpu":
+        return _TritonOnCPU.apply(logits, target, landmarks, sigma, r, reduction, radius)
+    if from_landmarks:
+        return _lm_op(logits, landmarks, sigma, r, reduction, radius)
+    return _cl_op(logits, target, r, reduction)
+
+
 class _TritonOnCPU(torch.autograd.Function):
     """Autograd for the Triton kernels on CPU tensors (interpreter; tests only).
 
@@ -366,8 +582,8 @@ def central_loss(logits: torch.Tensor, target: torch.Tensor, r: float = 2.0, red
     impl = _backend.resolve(device, "central_loss")
     if impl == "reference":
         return reference.central_loss(logits, target, r, reduction)
-    if impl == "triton" and device.type == "cpu":
-        return _TritonOnCPU.apply(logits, target, None, 1.0, r, reduction, None)
+    if impl == "triton":
+        return _triton_apply(logits, target, None, 1.0, r, reduction, None)
     return _cl_op(logits, target, r, reduction)
 
 
@@ -407,8 +623,8 @@ def central_loss_from_landmarks(
     impl = _backend.resolve(device, "central_loss_from_landmarks")
     if impl == "reference":
         return reference.central_loss_from_landmarks(logits, landmarks, sigma, r, reduction, radius)
-    if impl == "triton" and device.type == "cpu":
-        return _TritonOnCPU.apply(logits, None, landmarks, sigma, r, reduction, radius)
+    if impl == "triton":
+        return _triton_apply(logits, None, landmarks, sigma, r, reduction, radius)
     return _lm_op(logits, landmarks, sigma, r, reduction, radius)
 
 

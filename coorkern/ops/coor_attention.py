@@ -14,8 +14,9 @@ Triton kernels (CUDA; CPU tensors only under ``TRITON_INTERPRET=1``, for the tes
 
 * ``_sample_kernel``      -- bilinear sampling pre-pass of the key side (maps -> tokens;
                              why pre-sample rather than fuse there: see its docstring);
-* ``_attn_fwd_kernel``    -- flash attention forward with the query-side sampling fused
-                             into the Q tile load; online softmax, saves the log-sum-exp;
+* ``_attn_fwd_kernel``    -- flash attention forward on sampled/plain tokens (why Q is
+                             pre-sampled too: see its docstring); online softmax, saves
+                             the log-sum-exp;
 * ``_attn_bwd_dkv_kernel``/``_attn_bwd_dq_kernel`` -- flash-attention-2 backward split in
                              two passes (key-major for dK/dV, query-major for dQ) so no
                              gradient needs atomics and none is N x N;
@@ -23,27 +24,33 @@ Triton kernels (CUDA; CPU tensors only under ``TRITON_INTERPRET=1``, for the tes
                              weights (fp32 atomics, or per-corner partials reduced by a
                              deterministic sort-based ``index_put_`` when
                              ``torch.are_deterministic_algorithms_enabled()``) and reduces
-                             the coordinate gradient over d inside the program.
+                             the coordinate gradient over d inside the program;
+* ``_row_dot_kernel``     -- ``delta = rowsum(dO * O)`` of the backward.
 
-Forward: sample K (and V for "kv") -> attention.  Backward: re-sample Q/K/V into token
-buffers (an O(N d) pre-pass, cheaper than keeping them alive since the forward),
-``delta = rowsum(dO * O)``, dK/dV pass, dQ pass, then one scatter per sampled map; the
-two maps' (and, for shared coords, the heads') coordinate gradients are added by the
-host in a fixed order.  Extra memory is O(N d): sampled tokens, fp32 gradient buffers
-and log-sum-exp (plus 4 N d fp32 partials on the deterministic path); never N x N.
+Forward (3 launches): sample K and Q ("qk") or V ("kv") -> attention.  Backward: re-sample
+the two sampled tensors (an O(N d) pre-pass, cheaper than keeping them alive since the
+forward), delta, dK/dV pass, dQ pass (the unsampled tensor's gradient is stored in its
+dtype there), then one scatter per sampled map, the second adding its coordinate gradient
+to the first's in-kernel; the heads' share of shared coords is summed by the host.
+Launch counts are in ``_triton_backward``'s docstring (issue 13 cut them from 16-18).
+Extra memory is O(N d): sampled tokens, fp32 gradient buffers and log-sum-exp (plus 4 N d
+fp32 partials on the deterministic path); never N x N.  The grid is 1-D (no 65535 cap on
+B heads); launch configs come from ``_attention_launch`` (autotuned on CUDA), the
+kernels' ahead-of-time declarations (``aot_spec``, ``aot_variants``) from ``_attention_aot``.
 
 Numerics: fp32 accumulation everywhere; exp2 with the scale folded into log2 e in fp32;
 float64 (the interpreter's gradcheck) uses exp/log and a two-float scale so that results
 match the float64 oracle to ~1e-15.
 
-CPU tensors normally run the C++ op (``csrc/coor_attention.cpp``: ATen grid sampler +
-CPU flash attention); ``torch.ops.coorkern.coor_attention`` returns ``(out, lse)`` and
+CPU tensors normally run the C++ op (``csrc/coor_attention.cpp``: a hand-written kernel
+with the sampling fused into the tiles where it measured faster, ATen's grid sampler + CPU
+flash attention otherwise); ``torch.ops.coorkern.coor_attention`` returns ``(out, lse)`` and
 ``coor_attention_backward`` is its autograd formula on every device.
 """
 
 from __future__ import annotations
 
-import re
+import struct
 from typing import Optional
 
 import torch
@@ -53,6 +60,9 @@ import triton.language as tl
 from .. import _backend, reference
 from .._checks import check_choice, check_number, check_rank, check_same_device, check_tensor
 from .._library import define_op
+from . import _attention_launch as _launch
+from ._attention_aot import aot_spec, aot_variants  # noqa: F401  (public for AOT builds)
+from ._attention_launch import block_d, launch_config
 
 __all__ = ["coor_attention", "CoorAttention"]
 
@@ -72,6 +82,7 @@ def _bilinear_setup(cx, cy, height, width, ALIGN: tl.constexpr):
     grid_sample's unnormalization; the source index is clamped to [-2, size + 1] first
     so that coordinates far outside the map (legal; they sample zeros) cannot overflow
     the int32 corner index -- with all four corners outside, clamping changes nothing.
+    A NaN coordinate gives NaN weights (the sample is NaN, as in grid_sample).
     """
     wf = width.to(cx.dtype)
     hf = height.to(cx.dtype)
@@ -81,13 +92,19 @@ def _bilinear_setup(cx, cy, height, width, ALIGN: tl.constexpr):
     else:
         ix = ((cx + 1.0) * wf - 1.0) * 0.5
         iy = ((cy + 1.0) * hf - 1.0) * 0.5
-    ix = tl.minimum(tl.maximum(ix, -2.0), wf + 1.0)
-    iy = tl.minimum(tl.maximum(iy, -2.0), hf + 1.0)
+    # NaN must survive the clamp (grid_sample samples NaN there): plain tl.minimum/maximum
+    # lower to min.f32/max.f32, which return the other operand for a NaN.
+    ix = tl.clamp(ix, -2.0, wf + 1.0, propagate_nan=tl.PropagateNan.ALL)
+    iy = tl.clamp(iy, -2.0, hf + 1.0, propagate_nan=tl.PropagateNan.ALL)
     x0f = tl.floor(ix)
     y0f = tl.floor(iy)
-    wx1 = ix - x0f
+    wx1 = ix - x0f  # NaN for a NaN coordinate: every weight below is NaN
     wy1 = iy - y0f
-    return x0f.to(tl.int32), y0f.to(tl.int32), 1.0 - wx1, wx1, 1.0 - wy1, wy1
+    # float -> int of NaN is undefined: send NaN stencils to a corner outside the map
+    # (loads 0; 0 * NaN weight = NaN, as grid_sample).
+    x0 = tl.where(ix == ix, x0f, -2.0).to(tl.int32)
+    y0 = tl.where(iy == iy, y0f, -2.0).to(tl.int32)
+    return x0, y0, 1.0 - wx1, wx1, 1.0 - wy1, wy1
 
 
 @triton.jit
@@ -114,18 +131,18 @@ def _bilinear_sample(base, sy, sx, sd, height, width, cx, cy, offs_d, row_mask, 
 
 
 @triton.jit
-def _head(heads):
-    """(bh, b, h) of this program: grid axis 1 enumerates the (batch, head) pairs."""
-    bh = tl.program_id(1)
-    return bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+def _program(heads, n, d, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(bh, b, h) of this program, its BLOCK rows of n, the channel offsets and both masks.
 
-
-@triton.jit
-def _rows(n, d, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's rows (grid axis 0), the channel offsets, and their masks."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    The grid is 1-D: (B heads) cdiv(n, BLOCK) programs, the row blocks of one (batch, head)
+    adjacent (they share K/V in L2).  A second grid axis for B heads would cap it at 65535.
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(n, BLOCK)
+    bh = pid // n_blocks
+    offs = (pid - bh * n_blocks) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    return offs, offs_d, offs < n, offs_d < d
+    return bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64), offs, offs_d, offs < n, offs_d < d
 
 
 @triton.jit
@@ -219,8 +236,7 @@ def _sample_kernel(
     4x fewer than fused from the first query block on.  Output is contiguous
     (B, heads, N, d) in the map dtype.
     """
-    bh, b, h = _head(heads)
-    offs_n, offs_d, n_mask, d_mask = _rows(n_tok, d, BLOCK, BLOCK_D)
+    bh, b, h, offs_n, offs_d, n_mask, d_mask = _program(heads, n_tok, d, BLOCK, BLOCK_D)
     cx, cy = _coords(c_acc_ptr, b, h, offs_n, s_cb, s_ch, s_cn, s_cc, n_mask, ACC)
     m_base = m_ptr + b * s_mb + h * s_mh
     tile = _bilinear_sample(m_base, s_my, s_mx, s_md, height, width, cx, cy, offs_d, n_mask, d_mask, ALIGN, ACC)
@@ -228,37 +244,37 @@ def _sample_kernel(
     tl.store(o_ptrs, tile.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["heads", "n_q", "n_kv", "q_height", "q_width"])
+@triton.jit(do_not_specialize=["heads", "n_q", "n_kv"])
 def _attn_fwd_kernel(
-    q_ptr, c_acc_ptr, k_ptr, v_ptr, o_ptr, lse_acc_ptr,
-    heads, n_q, n_kv, q_height, q_width, d, scale_hi, scale_lo,
-    s_qb, s_qh, s_qy, s_qx, s_qd,
-    s_cb, s_ch, s_cn, s_cc,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_acc_ptr,
+    heads, n_q, n_kv, d, scale_hi, scale_lo,
+    s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
-    SAMPLE_Q: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Flash attention forward; one program = BLOCK_M queries of one (batch, head).
 
-    Q tile: SAMPLE_Q gathers the 4 bilinear corners straight from the q map (4 BLOCK_M d
-    elements read, 8 BLOCK_M d FLOPs, never written back); else a plain token load.  Then
-    for each BLOCK_N keys: S = Q K^T (2 BLOCK_M BLOCK_N d FLOPs, tensor cores), online
+    For each BLOCK_N keys: S = Q K^T (2 BLOCK_M BLOCK_N d FLOPs, tensor cores), online
     softmax in base 2 (the scale folded into one multiply by scale*log2 e), O += P V (2
-    BLOCK_M BLOCK_N d FLOPs).  Per program HBM/L2 traffic: 2 N d elements (K, V) + the Q
-    tile + BLOCK_M d out + BLOCK_M lse; per (b, h) 4 Nq N d FLOPs.  Stores O in the
-    input dtype and lse = m + log(l) (natural log, fp32) for the backward.
+    BLOCK_M BLOCK_N d FLOPs).  Per program HBM/L2 traffic: 2 N d elements (K, V) + BLOCK_M d
+    (Q) + BLOCK_M d out + BLOCK_M lse; per (b, h) 4 Nq N d FLOPs.  Stores O in the input
+    dtype and lse = m + log(l) (natural log, fp32) for the backward.
+
+    Q is a token tensor: for sample="qk" it is pre-sampled by ``_sample_kernel``.  Fusing
+    the bilinear gather into the Q tile load was measured by the SASS (sm_90, bf16, d=64,
+    BLOCK 128 x 64, 8 warps; triton 3.7.1 and 3.9 alike): the sampled tile lives in
+    registers and Triton then waits for every HGMMA (static SASS: 8 HGMMA, 8
+    ``WARPGROUP.DEPBAR`` waits) instead of pipelining the smem operand of a loaded tile (8
+    HGMMA, 2 waits), so the S and O products no longer overlap the softmax.  Pre-sampling costs one
+    launch and 2 Nq d elements of traffic (write the tokens, read them back; the 4 Nq d
+    corner gathers are paid either way), against 2 N d elements streamed per query block:
+    a fraction BLOCK_M / N of the forward's bytes (0.8% at N = 16384).
     """
-    bh, b, h = _head(heads)
-    offs_m, offs_d, m_mask, d_mask = _rows(n_q, d, BLOCK_M, BLOCK_D)
+    bh, b, h, offs_m, offs_d, m_mask, d_mask = _program(heads, n_q, d, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q_base = q_ptr + b * s_qb + h * s_qh
-    if SAMPLE_Q:
-        cx, cy = _coords(c_acc_ptr, b, h, offs_m, s_cb, s_ch, s_cn, s_cc, m_mask, ACC)
-        q = _bilinear_sample(q_base, s_qy, s_qx, s_qd, q_height, q_width, cx, cy, offs_d, m_mask, d_mask, ALIGN, ACC)
-        q = q.to(k_ptr.dtype.element_ty)
-    else:
-        q = _tile(q_base, offs_m, offs_d, s_qy, s_qd, m_mask, d_mask)
+    q = _tile(q_ptr + b * s_qb + h * s_qh, offs_m, offs_d, s_qn, s_qd, m_mask, d_mask)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     qk_scale = _exp_units(_scale_of(scale_hi, scale_lo, ACC), ACC)
@@ -290,7 +306,7 @@ def _attn_fwd_kernel(
 
 @triton.jit(do_not_specialize=["heads", "n_q", "n_kv"])
 def _attn_bwd_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_acc_ptr, delta_acc_ptr, dk_acc_ptr, dv_acc_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_acc_ptr, delta_acc_ptr, dk_acc_ptr, dv_grad_ptr,
     heads, n_q, n_kv, d, scale_hi, scale_lo,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -303,11 +319,11 @@ def _attn_bwd_dkv_kernel(
     Per query block: S^T = K Q^T, P^T = exp(S^T - lse) from the saved log-sum-exp (no
     softmax renormalization, no N x N buffer), dV += P^T dO, dP^T = V dO^T,
     dS^T = P^T (dP^T - delta), dK += dS^T Q: 4 dots = 8 BLOCK_M BLOCK_N d FLOPs.  Reads
-    Q, dO (2 Nq d elements) + lse, delta per program; writes dK, dV once in fp32 without
-    atomics (each key block belongs to one program).  ``delta = rowsum(dO * O)``.
+    Q, dO (2 Nq d elements) + lse, delta per program; writes dK (fp32, to be scattered)
+    and dV (fp32 when V was sampled, else straight in v's dtype) once, without atomics
+    (each key block belongs to one program).  ``delta = rowsum(dO * O)``.
     """
-    bh, b, h = _head(heads)
-    offs_n, offs_d, n_mask, d_mask = _rows(n_kv, d, BLOCK_N, BLOCK_D)
+    bh, b, h, offs_n, offs_d, n_mask, d_mask = _program(heads, n_kv, d, BLOCK_N, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
     k = _tile(k_ptr + b * s_kb + h * s_kh, offs_n, offs_d, s_kn, s_kd, n_mask, d_mask)
     v = _tile(v_ptr + b * s_vb + h * s_vh, offs_n, offs_d, s_vn, s_vd, n_mask, d_mask)
@@ -333,12 +349,12 @@ def _attn_bwd_dkv_kernel(
     out_off = bh.to(tl.int64) * n_kv * d + offs_n[:, None] * d + offs_d[None, :]
     kv_mask = n_mask[:, None] & d_mask[None, :]
     tl.store(dk_acc_ptr + out_off, dk * scale, mask=kv_mask)
-    tl.store(dv_acc_ptr + out_off, dv, mask=kv_mask)
+    tl.store(dv_grad_ptr + out_off, dv.to(dv_grad_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["heads", "n_q", "n_kv"])
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_acc_ptr, delta_acc_ptr, dq_acc_ptr, heads, n_q, n_kv, d, scale_hi, scale_lo,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_acc_ptr, delta_acc_ptr, dq_grad_ptr, heads, n_q, n_kv, d, scale_hi, scale_lo,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,  # same arguments as the dK/dV pass
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -347,10 +363,10 @@ def _attn_bwd_dq_kernel(
 
     Recomputes S = Q K^T and dP = dO V^T (3 dots = 6 BLOCK_M BLOCK_N d FLOPs per tile)
     rather than sharing them with the dK/dV pass through fp32 atomics on dQ: 1.4x the
-    backward FLOPs of the fused formulation, but deterministic and atomic-free.
+    backward FLOPs of the fused formulation, but deterministic and atomic-free.  dQ is
+    fp32 when Q was sampled (to be scattered), else stored straight in q's dtype.
     """
-    bh, b, h = _head(heads)
-    offs_m, offs_d, m_mask, d_mask = _rows(n_q, d, BLOCK_M, BLOCK_D)
+    bh, b, h, offs_m, offs_d, m_mask, d_mask = _program(heads, n_q, d, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
     q = _tile(q_ptr + b * s_qb + h * s_qh, offs_m, offs_d, s_qn, s_qd, m_mask, d_mask)
     do = _tile(do_ptr + bh.to(tl.int64) * n_q * d, offs_m, offs_d, d, 1, m_mask, d_mask)
@@ -371,12 +387,12 @@ def _attn_bwd_dq_kernel(
         dp = _mm(do, vt, PRECISION, ACC, DOT_UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(kt.dtype), tl.trans(kt), PRECISION, ACC, DOT_UPCAST)
-    tl.store(dq_acc_ptr + bh.to(tl.int64) * n_q * d + offs_m[:, None] * d + offs_d[None, :], dq * scale,
-             mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(dq_grad_ptr + bh.to(tl.int64) * n_q * d + offs_m[:, None] * d + offs_d[None, :],
+             (dq * scale).to(dq_grad_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _scatter_corner(g, m_base, s_my, s_mx, s_md, w, sgx, sgy, x, y, bh, row, height, width, d,
+def _scatter_corner(g, m_base, s_my, s_mx, s_md, w, sgx, sgy, x, y, bh, row, height, width, d, n_pix,
                     dm_acc_ptr, part_acc_ptr, idx_idx_ptr, CORNER: tl.constexpr, offs_d, n_mask, d_mask,
                     DETERMINISTIC: tl.constexpr, ACC: tl.constexpr):
     """One bilinear corner: add w * g to map pixel (x, y) (fp32 atomics, or record the
@@ -386,11 +402,12 @@ def _scatter_corner(g, m_base, s_my, s_mx, s_md, w, sgx, sgy, x, y, bh, row, hei
     pix = (bh.to(tl.int64) * height + y.to(tl.int64)) * width + x.to(tl.int64)
     contrib = g * w[:, None]
     if DETERMINISTIC:
-        # Per-corner partials (B, heads, N, 4, d) + target pixel (-1: outside the map);
-        # the host reduces them with a sort-based deterministic index_put_.
+        # Per-corner partials (B, heads, N, 4, d) + target pixel (n_pix, one past the last
+        # pixel: outside the map); the host reduces them with a sort-based deterministic
+        # index_put_ into n_pix + 1 rows and drops the last.
         slot = row * 4 + CORNER
         tl.store(part_acc_ptr + slot[:, None] * d + offs_d[None, :], contrib, mask=n_mask[:, None] & d_mask[None, :])
-        tl.store(idx_idx_ptr + slot, tl.where(valid, pix, -1), mask=n_mask)
+        tl.store(idx_idx_ptr + slot, tl.where(valid, pix, n_pix), mask=n_mask)
     else:
         tl.atomic_add(dm_acc_ptr + pix[:, None] * d + offs_d[None, :], contrib,
                       mask=valid[:, None] & d_mask[None, :], sem="relaxed")
@@ -400,7 +417,7 @@ def _scatter_corner(g, m_base, s_my, s_mx, s_md, w, sgx, sgy, x, y, bh, row, hei
 
 
 @triton.jit
-def _scatter_map(m_ptr, g_acc_ptr, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, bh, b, h, n_tok, height, width, d,
+def _scatter_map(m_ptr, g_acc_ptr, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, bh, b, h, n_tok, height, width, d, n_pix,
                  s_mb, s_mh, s_my, s_mx, s_md, cx, cy, offs_n, offs_d, n_mask, d_mask,
                  ALIGN: tl.constexpr, DETERMINISTIC: tl.constexpr, ACC: tl.constexpr):
     """Scatter one sampled tensor's gradient; return its (d out/d ix, d out/d iy) per row.
@@ -415,43 +432,45 @@ def _scatter_map(m_ptr, g_acc_ptr, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, bh, b,
                 other=0.0).to(ACC)
     m_base = m_ptr + b * s_mb + h * s_mh
     gx, gy = _scatter_corner(g, m_base, s_my, s_mx, s_md, wx0 * wy0, -wy0, -wx0, x0, y0, bh, row, height, width,
-                             d, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 0, offs_d, n_mask, d_mask, DETERMINISTIC, ACC)
+                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 0, offs_d, n_mask, d_mask,
+                             DETERMINISTIC, ACC)
     ax, ay = _scatter_corner(g, m_base, s_my, s_mx, s_md, wx1 * wy0, wy0, -wx1, x0 + 1, y0, bh, row, height, width,
-                             d, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 1, offs_d, n_mask, d_mask, DETERMINISTIC, ACC)
+                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 1, offs_d, n_mask, d_mask,
+                             DETERMINISTIC, ACC)
     gx += ax
     gy += ay
     ax, ay = _scatter_corner(g, m_base, s_my, s_mx, s_md, wx0 * wy1, -wy1, wx0, x0, y0 + 1, bh, row, height, width,
-                             d, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 2, offs_d, n_mask, d_mask, DETERMINISTIC, ACC)
+                             d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 2, offs_d, n_mask, d_mask,
+                             DETERMINISTIC, ACC)
     gx += ax
     gy += ay
     ax, ay = _scatter_corner(g, m_base, s_my, s_mx, s_md, wx1 * wy1, wy1, wx1, x0 + 1, y0 + 1, bh, row, height,
-                             width, d, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 3, offs_d, n_mask, d_mask,
+                             width, d, n_pix, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, 3, offs_d, n_mask, d_mask,
                              DETERMINISTIC, ACC)
     return gx + ax, gy + ay
 
 
-@triton.jit(do_not_specialize=["heads", "n_tok", "height", "width"])
+@triton.jit(do_not_specialize=["heads", "n_tok", "height", "width", "n_pix"])
 def _scatter_kernel(
     m_ptr, g_acc_ptr, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, c_acc_ptr, dc_acc_ptr,
-    heads, n_tok, height, width, d,
+    heads, n_tok, height, width, d, n_pix,
     s_mb, s_mh, s_my, s_mx, s_md,
     s_cb, s_ch, s_cn, s_cc,
-    ALIGN: tl.constexpr, DETERMINISTIC: tl.constexpr, ACC: tl.constexpr,
+    ALIGN: tl.constexpr, DETERMINISTIC: tl.constexpr, ADD_DC: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Backward of the bilinear sampling of one map; one program = BLOCK coords of one (b, h).
 
     Map gradient: corner c of row n receives w_c * dXs[n] (fp32 atomics, or per-corner
     partials for the deterministic path).  Coordinate gradient: reduced over d here and
-    stored once per (map, b, h, n) without atomics; the host adds the two sampled maps
-    (and the heads for shared coords) in a fixed order -- 4 numbers per coordinate.
+    stored once per (b, h, n) without atomics; ADD_DC (the second sampled map) adds it to
+    the first map's, read back by the same program -- a fixed order, no extra launch.
     Per row: reads d (gradient) + 4 d (corners) elements, ~24 d FLOPs, 4 d fp32 atomics.
     """
-    bh, b, h = _head(heads)
-    offs_n, offs_d, n_mask, d_mask = _rows(n_tok, d, BLOCK, BLOCK_D)
+    bh, b, h, offs_n, offs_d, n_mask, d_mask = _program(heads, n_tok, d, BLOCK, BLOCK_D)
     cx, cy = _coords(c_acc_ptr, b, h, offs_n, s_cb, s_ch, s_cn, s_cc, n_mask, ACC)
     gx, gy = _scatter_map(m_ptr, g_acc_ptr, dm_acc_ptr, part_acc_ptr, idx_idx_ptr, bh, b, h, n_tok,
-                          height, width, d, s_mb, s_mh, s_my, s_mx, s_md, cx, cy, offs_n, offs_d,
+                          height, width, d, n_pix, s_mb, s_mh, s_my, s_mx, s_md, cx, cy, offs_n, offs_d,
                           n_mask, d_mask, ALIGN, DETERMINISTIC, ACC)
     # d ix / d cx: (W - 1) / 2 with align_corners, W / 2 without.
     if ALIGN:
@@ -461,12 +480,29 @@ def _scatter_kernel(
         gx = gx * (width * 0.5)
         gy = gy * (height * 0.5)
     dc = dc_acc_ptr + (bh.to(tl.int64) * n_tok + offs_n) * 2
+    if ADD_DC:
+        gx += tl.load(dc, mask=n_mask, other=0.0)
+        gy += tl.load(dc + 1, mask=n_mask, other=0.0)
     tl.store(dc, gx, mask=n_mask)
     tl.store(dc + 1, gy, mask=n_mask)
 
 
+@triton.jit
+def _row_dot_kernel(a_ptr, b_ptr, out_acc_ptr, n_rows, d, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """out[r] = sum_d a[r, :] * b[r, :] in ACC for contiguous (n_rows, d) a, b: the backward's
+    ``delta = rowsum(dO * O)`` in one launch (reads 2 n_rows d elements, writes n_rows)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (offs_d < d)[None, :]
+    off = rows[:, None] * d + offs_d[None, :]
+    a = tl.load(a_ptr + off, mask=mask, other=0.0).to(ACC)
+    b = tl.load(b_ptr + off, mask=mask, other=0.0).to(ACC)
+    tl.store(out_acc_ptr + rows, tl.sum(a * b, 1), mask=rows < n_rows)
+
+
 # ---------------------------------------------------------------------------
-# Host side: launch configuration and launchers
+# Host side: launchers
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -477,114 +513,47 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def fp32_matmul_precision() -> str:
+    """"ieee" or "tf32": how torch runs fp32 matmuls on CUDA right now.
+
+    Reads the ``fp32_precision`` API first (``torch.backends.cuda.matmul.fp32_precision``,
+    which inherits ``torch.backends.fp32_precision``): once a user sets it, torch >= 2.9's
+    ``get_float32_matmul_precision()`` raises.  "none" there means not set: the legacy
+    ``torch.get_float32_matmul_precision()`` ("highest" -> ieee, else tf32) decides.
+    """
+    matmul = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    value = getattr(matmul, "fp32_precision", "none")
+    if value in ("none", None):
+        value = getattr(torch.backends, "fp32_precision", "none")
+    if value not in ("none", None):
+        return "ieee" if value == "ieee" else "tf32"
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # mixed legacy/new settings: torch itself refuses to answer
+        return "ieee"
+    return "ieee" if legacy == "highest" else "tf32"
+
+
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 follows torch's matmul setting (tf32 unless "highest")."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """tl.dot input precision: fp32 follows torch's fp32 matmul setting; others exact."""
+    return fp32_matmul_precision() if dtype == torch.float32 else "ieee"
 
 
 def _dot_upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _backend.triton_interpreter_enabled()
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _current_arch() -> int:
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return 10 * major + minor
-    return 90
-
-
-def launch_config(kind: str, d: int, dtype: torch.dtype, interpret: Optional[bool] = None,
-                  arch: Optional[int] = None) -> dict:
-    """Block sizes, warps and stages of one kernel, chosen by hand per (d, dtype, arch).
-
-    GPU: every dot has an M dimension that is a multiple of 64 with 4 or 8 warps, so sm_90
-    uses wgmma (HGMMA; fp32 as tf32 when torch allows it); d = 128 and fp32 (twice the
-    bytes per tile) get smaller tiles so nothing spills (checked for sm_80 and sm_90 by
-    the tests: zero LOCAL and zero STACK bytes).  The interpreter costs ~1 ms per program
-    instance, so it gets large blocks.
-    """
-    if interpret is None:
-        interpret = _backend.triton_interpreter_enabled()
-    bd = _block_d(d)
-    if interpret:
-        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK": 128, "num_warps": 4, "num_stages": 1}
-    if arch is None:
-        arch = _current_arch()
-    fp32 = dtype == torch.float32
-    wide = bd >= 128 or fp32
-    if kind == "fwd":  # the sampled fp32 Q tile + fp32 O accumulator: halve BLOCK_M at fp32 d=128
-        if fp32 and bd >= 128:
-            return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2 if arch >= 90 else 1}
-        return {"BLOCK_M": 128, "BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 2 if wide else 3}
-    if kind == "dkv":  # M of every dot is BLOCK_N (keys); K, V, dK, dV stay in registers
-        if fp32:
-            return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8 if bd >= 128 and arch < 90 else 4, "num_stages": 2}
-        return {"BLOCK_M": 32, "BLOCK_N": 64 if wide else 128, "num_warps": 4 if wide else 8, "num_stages": 2}
-    if kind == "dq":
-        return {"BLOCK_M": 64 if wide else 128, "BLOCK_N": 32, "num_warps": 4 if wide else 8, "num_stages": 2}
-    if kind == "scatter":  # 8-16 tile elements per thread: sm_80 has no vector fp32 atomics
-        return {"BLOCK": (2048 if arch >= 90 else 1024) // bd, "num_warps": 4, "num_stages": 1}
-    if kind == "sample":  # 4 gathered corner tiles of 32 elements per thread
-        return {"BLOCK": 4096 // bd, "num_warps": 4, "num_stages": 1}
-    raise ValueError(f"unknown kernel kind {kind!r}")
-
-
-_TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-_UNIT_STRIDES = ("s_md", "s_qd", "s_kd", "s_vd", "s_ad", "s_bd", "s_cc")
-
-
-def aot_spec(name: str, dtype: torch.dtype, d: int, *, arch: int = 90, sample_q: bool = True,
-             deterministic: bool = False, align_corners: bool = True):
-    """``(kernel, signature, constexprs, config, divisible)`` of one kernel as the launchers
-    run it on a GPU with contiguous inputs, for ``coorkern._triton_aot.compile_for_gpu``.
-
-    Unit channel/coordinate strides are constexpr 1 and ``divisible`` names the arguments
-    Triton's launcher marks divisible by 16 for 16-byte aligned, contiguous inputs with
-    d in {16, 32, 64, 128} (pointers, d, and the map/token strides, which are multiples
-    of d): pass them to ``ASTSource`` as ``tt.divisibility`` attributes to compile the
-    variant a GPU actually runs.
-    """
-    kernels = {"fwd": _attn_fwd_kernel, "dkv": _attn_bwd_dkv_kernel, "dq": _attn_bwd_dq_kernel,
-               "sample": _sample_kernel, "scatter": _scatter_kernel}
-    fn = kernels[name]
-    cfg = launch_config(name, d, dtype, interpret=False, arch=arch)
-    acc = _acc_dtype(dtype)
-    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-    constexprs = dict(ACC=_tl_acc(dtype), BLOCK_D=_block_d(d), ALIGN=align_corners, SAMPLE_Q=sample_q,
-                      DETERMINISTIC=deterministic, PRECISION="tf32" if dtype == torch.float32 else "ieee",
-                      DOT_UPCAST=False, **blocks)
-    constexprs.update({k: 1 for k in _UNIT_STRIDES})
-    params = [p.name for p in fn.params]
-    signature = {}
-    for p in fn.params:
-        if p.name in constexprs:
-            signature[p.name] = "constexpr"
-        elif p.name.endswith("_acc_ptr"):
-            signature[p.name] = "*" + _TL_NAMES[acc]
-        elif p.name.endswith("_idx_ptr"):
-            signature[p.name] = "*i64"
-        elif p.name.endswith("_ptr"):
-            signature[p.name] = "*" + _TL_NAMES[dtype]
-        elif p.name.startswith("scale"):
-            signature[p.name] = "fp32"
-        else:
-            signature[p.name] = "i32"
-    constexprs = {k: v for k, v in constexprs.items() if k in params}
-    divisible = [p for p in params if p not in constexprs and (
-        p.endswith("_ptr") or p == "d" or re.fullmatch(r"s_[mqkvab][bhyxn]", p))]
-    return fn, signature, constexprs, cfg, divisible
-
-
 def _split(x: float) -> tuple[float, float]:
-    """x as fp32 hi + lo (Triton passes Python floats as fp32; fp64 kernels add them)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(x - hi)
+    """x as fp32 hi + lo: Triton's launcher passes Python floats as fp32 (the interpreter
+    keeps fp64), so fp64 kernels get the softmax scale as two fp32 halves and add them
+    (``_scale_of``): hi + lo carries ~48 bits, exact to the fp64 oracle at 1e-14."""
+    hi = _to_fp32(x)
+    return hi, _to_fp32(x - hi)
+
+
+def _to_fp32(x: float) -> float:
+    """x rounded to fp32, on the host without a torch op (no dispatch, no device)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _grid_strides(coords: torch.Tensor) -> tuple[int, int, int, int]:
@@ -594,15 +563,20 @@ def _grid_strides(coords: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(coords.stride())
 
 
+def _grid(n: int, block: int, batch_heads: int) -> tuple[int]:
+    """1-D grid of ``_program``: the row blocks of every (batch, head)."""
+    return (triton.cdiv(n, block) * batch_heads,)
+
+
 def _sample_tokens(fmap: torch.Tensor, coords: torch.Tensor, align_corners: bool) -> torch.Tensor:
     """Pre-pass: sample a (B, heads, H, W, d) map at coords -> contiguous (B, heads, N, d)."""
     batch, heads, height, width, d = fmap.shape
     n = coords.shape[-2]
     out = torch.empty((batch, heads, n, d), device=fmap.device, dtype=fmap.dtype)
     cfg = launch_config("sample", d, fmap.dtype)
-    _sample_kernel[(triton.cdiv(n, cfg["BLOCK"]), batch * heads)](
+    _sample_kernel[_grid(n, cfg["BLOCK"], batch * heads)](
         fmap, coords, out, heads, n, height, width, d, *fmap.stride(), *_grid_strides(coords),
-        ALIGN=align_corners, ACC=_tl_acc(fmap.dtype), BLOCK=cfg["BLOCK"], BLOCK_D=_block_d(d),
+        ALIGN=align_corners, ACC=_tl_acc(fmap.dtype), BLOCK=cfg["BLOCK"], BLOCK_D=block_d(d),
         num_warps=cfg["num_warps"],
     )
     return out
@@ -620,71 +594,93 @@ def _prepare_coords(coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return coords.detach().to(_acc_dtype(dtype))  # tiny (N x 2); keeps its strides if no cast
 
 
+def _attention_pass(kind, kernel, n_rows, batch_heads, d, dtype, device, args, rows_block):
+    """Launch one attention pass (fwd/dkv/dq) with its (possibly autotuned) config."""
+    precision = _precision(dtype)
+
+    def run(cfg):
+        kernel[_grid(n_rows, cfg[rows_block], batch_heads)](
+            *args, ACC=_tl_acc(dtype), PRECISION=precision, DOT_UPCAST=_dot_upcast(dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(d),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    run(_launch.pick(kind, d, dtype, precision, n_rows, device, run))
+
+
 def _triton_forward(q, k, v, coords, sample, scale, align_corners):
-    """Returns (out, lse): out (B, heads, Nq, d) in q's dtype, lse (B, heads, Nq) fp32."""
+    """Returns (out, lse): out (B, heads, Nq, d) in q's dtype, lse (B, heads, Nq) fp32.
+
+    Launches: sample K, sample Q ("qk") or V ("kv"), attention -- 3 (+1 coords cast when
+    coords are not in the accumulation dtype)."""
     q, k, v = (_kernel_layout(t) for t in (q, k, v))
     c = _prepare_coords(coords, q.dtype)
     batch, heads, d = q.shape[0], q.shape[1], q.shape[-1]
     n = c.shape[-2]
     ks = _sample_tokens(k, c, align_corners)
     if sample == "qk":
-        vs, n_q, (q_h, q_w), q_strides = v, n, q.shape[2:4], q.stride()
+        qs, vs = _sample_tokens(q, c, align_corners), v
     else:
-        vs = _sample_tokens(v, c, align_corners)
-        n_q, (q_h, q_w) = q.shape[2], (1, 1)
-        q_strides = (q.stride(0), q.stride(1), q.stride(2), 0, q.stride(3))  # tokens: "y" = token index
+        qs, vs = q, _sample_tokens(v, c, align_corners)
+    n_q = qs.shape[2]
     out = torch.empty((batch, heads, n_q, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=_acc_dtype(q.dtype))
-    cfg = launch_config("fwd", d, q.dtype)
-    _attn_fwd_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]), batch * heads)](
-        q, c, ks, vs, out, lse, heads, n_q, n, q_h, q_w, d, *_split(scale),
-        *q_strides, *_grid_strides(c), *ks.stride(), *vs.stride(),
-        SAMPLE_Q=sample == "qk", ALIGN=align_corners, ACC=_tl_acc(q.dtype), PRECISION=_precision(q.dtype),
-        DOT_UPCAST=_dot_upcast(q.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    args = (qs, ks, vs, out, lse, heads, n_q, n, d, *_split(scale), *qs.stride(), *ks.stride(), *vs.stride())
+    _attention_pass("fwd", _attn_fwd_kernel, n_q, batch * heads, d, q.dtype, q.device, args, "BLOCK_M")
     return out, lse
 
 
-def _scatter(fmap, grad, coords, align_corners):
-    """Gradient of ``_sample_tokens``: (map gradient fp32, coords gradient fp32 (B, heads, N, 2))."""
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over the last dim of a * b in the accumulation dtype, one launch (contiguous inputs)."""
+    a, b = a.contiguous(), b.contiguous()
+    d = a.shape[-1]
+    out = torch.empty(a.shape[:-1], device=a.device, dtype=_acc_dtype(a.dtype))
+    cfg = launch_config("rowdot", d, a.dtype)
+    _row_dot_kernel[(triton.cdiv(out.numel(), cfg["BLOCK"]),)](
+        a, b, out, out.numel(), d, ACC=_tl_acc(a.dtype), BLOCK=cfg["BLOCK"], BLOCK_D=block_d(d),
+        num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def _scatter(fmap, grad, coords, dcoords, align_corners, add_dc):
+    """Gradient of ``_sample_tokens`` into a map gradient in fmap's dtype; writes (or, with
+    ``add_dc``, adds) the coordinate gradient (B, heads, N, 2) into ``dcoords`` (fp32).
+
+    Launches: memset + scatter (+ a cast for fp16/bf16 maps: the atomics accumulate in fp32);
+    deterministic: scatter + index_put_ (sort-based) + cast, and no zero-filled map buffer."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     batch, heads, n, d = grad.shape
     acc = grad.dtype
-    dmap = torch.zeros(fmap.shape, device=fmap.device, dtype=acc)
+    n_pix = fmap.numel() // d
     if deterministic:
         part = torch.empty((batch, heads, n, 4, d), device=fmap.device, dtype=acc)
         idx = torch.empty((batch, heads, n, 4), device=fmap.device, dtype=torch.int64)
+        dmap = part  # unused pointer slot
     else:
+        dmap = torch.zeros(fmap.shape, device=fmap.device, dtype=acc)
         part, idx = dmap, dmap  # unused pointer slots
-    dcoords = torch.empty((batch, heads, n, 2), device=fmap.device, dtype=acc)
     cfg = launch_config("scatter", d, acc)
-    _scatter_kernel[(triton.cdiv(n, cfg["BLOCK"]), batch * heads)](
-        fmap, grad, dmap, part, idx, coords, dcoords, heads, n, fmap.shape[2], fmap.shape[3], d,
+    _scatter_kernel[_grid(n, cfg["BLOCK"], batch * heads)](
+        fmap, grad, dmap, part, idx, coords, dcoords, heads, n, fmap.shape[2], fmap.shape[3], d, n_pix,
         *fmap.stride(), *_grid_strides(coords),
-        ALIGN=align_corners, DETERMINISTIC=deterministic, ACC=_tl_acc(acc),
-        BLOCK=cfg["BLOCK"], BLOCK_D=_block_d(d), num_warps=cfg["num_warps"],
+        ALIGN=align_corners, DETERMINISTIC=deterministic, ADD_DC=add_dc, ACC=_tl_acc(acc),
+        BLOCK=cfg["BLOCK"], BLOCK_D=block_d(d), num_warps=cfg["num_warps"],
     )
     if deterministic:
         # Ordered reduction of the per-corner partials: index_put_ with accumulate is
-        # sort-based and deterministic under torch.use_deterministic_algorithms (the last
-        # row collects the corners outside the map and is dropped).
-        flat = dmap.new_zeros((dmap.numel() // d + 1, d))
-        flat.index_put_((idx.view(-1) % flat.shape[0],), part.view(-1, d), accumulate=True)
-        dmap = flat[:-1].view(dmap.shape)
-    return dmap, dcoords
-
-
-def _scatter_pair(map_a, grad_a, map_b, grad_b, coords, align_corners):
-    """Map gradients of both sampled maps and the coords gradient (fp32)."""
-    dmap_a, dc_a = _scatter(map_a, grad_a, coords, align_corners)
-    dmap_b, dc_b = _scatter(map_b, grad_b, coords, align_corners)
-    dc = dc_a + dc_b
-    return dmap_a, dmap_b, dc.sum(1) if coords.dim() == 3 else dc
+        # sort-based and deterministic under torch.use_deterministic_algorithms (row n_pix
+        # collects the corners outside the map and is dropped).
+        flat = part.new_zeros((n_pix + 1, d))
+        flat.index_put_((idx.view(-1),), part.view(-1, d), accumulate=True)
+        dmap = flat[:-1].view(fmap.shape)
+    return dmap.to(fmap.dtype)
 
 
 def _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners):
+    """Gradients (q, k, v, coords).  Launches (bf16, per-head coords in the accumulation
+    dtype): sample K and Q|V, delta, dK/dV, dQ, 2 x (memset, scatter, cast) = 11; fp32: 9;
+    shared coords add one head sum, a coords dtype other than fp32/fp64 one cast."""
     q, k, v = (_kernel_layout(t) for t in (q, k, v))
     c = _prepare_coords(coords, q.dtype)
     batch, heads, d = q.shape[0], q.shape[1], q.shape[-1]
@@ -696,33 +692,27 @@ def _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_c
     vs = v if sample == "qk" else _sample_tokens(v, c, align_corners)
     n_q = qs.shape[2]
     do = grad_out.to(q.dtype).contiguous()
-    delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()  # rowsum(dO * O): (B, heads, Nq)
+    delta = _row_dot(do, out)  # rowsum(dO * O): (B, heads, Nq)
     lse = lse.contiguous()
+    # Gradients of sampled tensors stay fp32 for the scatter; the others are final.
     dks = torch.empty((batch, heads, n, d), device=q.device, dtype=acc)
-    dvs = torch.empty_like(dks)
-    dqs = torch.empty((batch, heads, n_q, d), device=q.device, dtype=acc)
-    common = dict(ACC=_tl_acc(q.dtype), PRECISION=_precision(q.dtype), DOT_UPCAST=_dot_upcast(q.dtype),
-                  BLOCK_D=_block_d(d))
+    dvs = torch.empty((batch, heads, n, d), device=q.device, dtype=v.dtype if sample == "qk" else acc)
+    dqs = torch.empty((batch, heads, n_q, d), device=q.device, dtype=acc if sample == "qk" else q.dtype)
     strides = (*qs.stride(), *ks.stride(), *vs.stride())
-    cfg = launch_config("dkv", d, q.dtype)
-    _attn_bwd_dkv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), batch * heads)](
-        qs, ks, vs, do, lse, delta, dks, dvs, heads, n_q, n, d, *_split(scale), *strides,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **common,
-    )
-    cfg = launch_config("dq", d, q.dtype)
-    _attn_bwd_dq_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]), batch * heads)](
-        qs, ks, vs, do, lse, delta, dqs, heads, n_q, n, d, *_split(scale), *strides,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **common,
-    )
+    common = (heads, n_q, n, d, *_split(scale), *strides)
+    _attention_pass("dkv", _attn_bwd_dkv_kernel, n, batch * heads, d, q.dtype, q.device,
+                    (qs, ks, vs, do, lse, delta, dks, dvs, *common), "BLOCK_N")
+    _attention_pass("dq", _attn_bwd_dq_kernel, n_q, batch * heads, d, q.dtype, q.device,
+                    (qs, ks, vs, do, lse, delta, dqs, *common), "BLOCK_M")
+    dc = torch.empty((batch, heads, n, 2), device=q.device, dtype=acc)
+    dk = _scatter(k, dks, c, dc, align_corners, add_dc=False)
     if sample == "qk":
-        dq, dk, dc = _scatter_pair(q, dqs, k, dks, c, align_corners)
-        dv = dvs
+        dq, dv = _scatter(q, dqs, c, dc, align_corners, add_dc=True), dvs
     else:
-        dv, dk, dc = _scatter_pair(v, dvs, k, dks, c, align_corners)
-        dq = dqs
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dc.to(coords.dtype)
+        dq, dv = dqs, _scatter(v, dvs, c, dc, align_corners, add_dc=True)
+    if coords.dim() == 3:
+        dc = dc.sum(1)  # shared by the heads
+    return dq, dk, dv, dc.to(coords.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -760,14 +750,20 @@ _op = define_op(SCHEMAS["coor_attention"], _reference_forward)
 _bwd_op = define_op(SCHEMAS["coor_attention_backward"], _reference_backward)
 
 
-@torch.library.register_kernel("coorkern::coor_attention", "cuda")
 def _op_cuda(q, k, v, coords, sample, scale, align_corners):
-    return _triton_forward(q, k, v, coords, sample, scale, align_corners)
+    # Triton launches on the current device's current stream: make that q's device
+    # (tensors on cuda:1 while cuda:0 is current).
+    with torch.cuda.device(q.device):
+        return _triton_forward(q, k, v, coords, sample, scale, align_corners)
 
 
-@torch.library.register_kernel("coorkern::coor_attention_backward", "cuda")
 def _bwd_op_cuda(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners):
-    return _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners)
+    with torch.cuda.device(q.device):
+        return _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners)
+
+
+torch.library.register_kernel("coorkern::coor_attention", "cuda", _op_cuda)
+torch.library.register_kernel("coorkern::coor_attention_backward", "cuda", _bwd_op_cuda)
 
 
 @torch.library.register_fake("coorkern::coor_attention")
@@ -786,9 +782,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, coords, sample, scale, align_corners = inputs
     ctx.args = (sample, scale, align_corners)
     ctx.save_for_backward(q, k, v, coords, *output)
+    # lse is saved state, not a result to differentiate (and no zero-filled grad for it).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:  # no gradient reached out (grads are not materialized)
+        return (None,) * 7
     q, k, v, coords, out, lse = ctx.saved_tensors
     grads = _bwd_op(grad_out, q, k, v, coords, out, lse, *ctx.args)
     return (*grads, None, None, None)
@@ -810,10 +811,13 @@ class _TritonOnCPU(torch.autograd.Function):
         ctx.args = (sample, scale, align_corners)
         ctx.save_for_backward(q, k, v, coords, out, lse)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return (None,) * 7
         q, k, v, coords, out, lse = ctx.saved_tensors
         grads = _triton_backward(grad_out, q, k, v, coords, out, lse, *ctx.args)
         return (*grads, None, None, None)
@@ -889,8 +893,10 @@ def coor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: to
 
     q, k, v share a floating dtype (fp32/fp16/bf16/fp64; fp32 accumulation); coords may
     have any floating dtype.  Gradients flow to all four tensors.  On CUDA, fp32 products
-    use TF32 tensor cores when ``torch.get_float32_matmul_precision()`` is not "highest"
-    (as torch's own matmuls); setting ``torch.use_deterministic_algorithms(True)`` makes
+    use TF32 tensor cores when torch's fp32 matmul precision allows it
+    (``torch.backends.cuda.matmul.fp32_precision``, else ``torch.get_float32_matmul_precision()``
+    is not "highest"), as torch's own matmuls, and exact fp32 FMA otherwise.  NaN
+    coordinates give NaN, as ``grid_sample``.  Setting ``torch.use_deterministic_algorithms(True)`` makes
     the backward atomic-free and bitwise reproducible.  Extra memory is O(N d).
     """
     sample, scale, align_corners = _validate(q, k, v, coords, sample, scale, align_corners)

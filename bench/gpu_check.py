@@ -1,0 +1,358 @@
+"""GPU truth in one command: CUDA tests, benchmarks and the detector's training step.
+
+    python bench/gpu_check.py [--budget-min 20] [--json bench/gpu_check.json] [--no-results-md]
+
+On a CUDA machine, within a time box (20 minutes by default), in this order:
+
+1. prints the device, torch / triton / CUDA versions and the measured copy bandwidth;
+2. runs the CUDA tests (``COORKERN_TEST_DEVICE=cuda pytest python_tests/test_cuda_*.py``,
+   real Triton compiler, no interpreter);
+3. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
+   64M-element case, fp32 and bf16 (GB/s against the minimum bytes);
+4. ``bench/attention.py`` at the detector's sizes and at N = 13312 / 16384 with
+   d = 32 / 64 / 128, fp32 and bf16 (TFLOP/s, next to grid_sample + SDPA and eager);
+5. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast): step
+   time and peak memory with coorkern's kernels, with the eager reference ops
+   (``coorkern.backend("reference")``) and with ``torch.compile``;
+
+then checks the issue's targets on what it measured, writes everything to a JSON file and
+replaces the GPU section of ``bench/RESULTS.md`` (between ``<!-- gpu_check -->`` markers),
+naming the device.  Every stage runs in a subprocess with its share of the remaining time;
+a stage cut off by the time box prints "stopped at <stage>" and the report says so.
+
+On a machine without CUDA it prints that nothing ran and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+EXIT_NO_CUDA = 2
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+MARK_START, MARK_END = "<!-- gpu_check:start -->", "<!-- gpu_check:end -->"
+
+CENTRAL_LOSS_SHAPES = ["2x19x512x416", "8x19x512x416", "64x1x1024x1024"]  # the last: 64M elements
+ATTENTION_SIZES = ["8x32x832", "4x32x3328", "2x32x13312", "2x64x13312", "2x128x13312",
+                   "1x32x16384", "1x64x16384", "1x128x16384"]
+# Stage time caps in seconds (each also bounded by what is left of the budget).
+STAGE_CAPS = {"cuda tests": 420, "central loss benchmark": 180, "attention benchmark": 420,
+              "training-step benchmark": 240}
+TARGETS = {
+    "central loss fwd+bwd >= 80% of copy bandwidth": 0.8,
+    "central loss >= 1.3x torch.compile": 1.3,
+    "central loss >= 5x eager": 5.0,
+    "attention bf16 d=64 N=16384 forward >= 250 TFLOP/s": 250.0,
+    "attention bf16 d=64 N=16384 backward >= 150 TFLOP/s": 150.0,
+    "attention bf16 d=64 N=16384 fwd+bwd >= 1.0x grid+sdpa": 1.0,
+    "training step >= 1.5x eager reference ops": 1.5,
+}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_stage(name: str, cmd: list[str], seconds: float, env: dict | None = None) -> dict:
+    """Run ``cmd`` from the repository root, streaming its output, for at most ``seconds``."""
+    print(f"\n=== {name}: {' '.join(cmd)} (at most {seconds:.0f} s)", flush=True)
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: "queue.Queue[str]" = queue.Queue()
+    output: list[str] = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    status = None
+    while True:
+        remaining = seconds - (time.monotonic() - start)
+        try:
+            line = lines.get(timeout=max(remaining, 0.01))
+        except queue.Empty:
+            line = ""
+        if line is None:
+            break
+        if line:
+            output.append(line)
+            print(line, end="", flush=True)
+        if time.monotonic() - start > seconds:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stage's own process group
+            status = "stopped"
+            print(f"\nstopped at {name}: time box of {seconds:.0f} s used", flush=True)
+            break
+    proc.wait()
+    if status is None:
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+    return {"name": name, "command": " ".join(cmd), "status": status, "seconds": round(time.monotonic() - start, 1),
+            "output": "".join(output)}
+
+
+def markdown_tables(text: str) -> list[str]:
+    """The markdown tables (consecutive lines starting with '|') in ``text``."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            if len(current) > 2:
+                tables.append("\n".join(current))
+            current = []
+    return tables
+
+
+def table_rows(table: str) -> list[dict]:
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def number(text: str) -> float:
+    match = re.match(r"-?[\d.]+", text or "")
+    return float(match.group()) if match else float("nan")
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+def train_step_benchmark(reps: int, device: str = "cuda", size: tuple[int, int] = (512, 416), base: int = 64) -> None:
+    """Stage 5 (run in a subprocess): prints a markdown table of the detector's training step.
+
+    ``device``/``size``/``base`` other than the defaults only serve dry runs of this code
+    on a CPU (``--stage train-step --device cpu --size 64 64 --base 4``).
+    """
+    import torch
+
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
+    import _common
+
+    import coorkern
+    from coorkern.models import CoorDetector
+
+    device = torch.device(device)
+    height, width = size
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 1, height, width, generator=gen).to(device)
+    landmarks = (torch.rand(2, 19, 2, generator=gen) * torch.tensor([width - 1.0, height - 1.0])).to(device)
+    rows, times = [], {}
+    for impl in ("eager reference ops", "coorkern", "torch.compile + coorkern"):
+        torch.manual_seed(0)
+        model = CoorDetector(base_channels=base, num_landmarks=19).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        forward = torch.compile(model) if impl.startswith("torch.compile") else model
+        backend = "reference" if impl.startswith("eager") else "auto"
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with coorkern.backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = coorkern.central_loss_from_landmarks(forward(images), landmarks, sigma=3.0)
+            loss.backward()
+            optimizer.step()
+
+        step()  # compile / autotune
+        _common.sync(device)
+        seconds, extra = _common.measure(step, device, warmup=2, reps=reps)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        times[impl] = seconds
+        rows.append([impl, f"{seconds * 1e3:.1f}", f"{peak:.0f}", f"{extra:.0f}"])
+        del model, optimizer, forward
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    eager_seconds = times["eager reference ops"]
+    for row in rows:
+        row.append(f"{eager_seconds / times[row[0]]:.2f}x")
+    print(f"device: {_common.device_name(device)}; CoorDetector base {base}, batch 2, {height}x{width}, "
+          "bf16 autocast, AdamW")
+    print(_common.markdown_table(["impl", "step ms", "peak MiB", "peak extra MiB", "vs eager reference ops"],
+                                 rows))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def check_targets(results: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for every target the measured tables allow to judge."""
+    checks = []
+
+    def add(name, values, better_if_higher=True):
+        values = [v for v in values if v == v]
+        if not values:
+            checks.append((name, "not measured", "-"))
+            return
+        worst = min(values) if better_if_higher else max(values)
+        checks.append((name, f"{worst:.2f} (worst of {len(values)})", "met" if worst >= TARGETS[name] else "NOT met"))
+
+    bandwidth = results.get("copy_gbps") or float("nan")
+    loss_rows = [r for t in results.get("central_loss_tables", []) for r in table_rows(t) if r.get("impl") == "coorkern"]
+    add("central loss fwd+bwd >= 80% of copy bandwidth", [number(r.get("GB/s")) / bandwidth for r in loss_rows])
+    add("central loss >= 1.3x torch.compile", [number(r.get("vs compile")) for r in loss_rows])
+    add("central loss >= 5x eager", [number(r.get("vs eager")) for r in loss_rows])
+    att_rows = [r for t in results.get("attention_tables", []) for r in table_rows(t)
+                if r.get("impl") == "coorkern" and r.get("dtype") == "bf16" and r.get("heads x d x N", "").endswith("x64x16384")]
+    add("attention bf16 d=64 N=16384 forward >= 250 TFLOP/s", [number(r.get("fwd TFLOP/s")) for r in att_rows])
+    add("attention bf16 d=64 N=16384 backward >= 150 TFLOP/s", [number(r.get("bwd TFLOP/s")) for r in att_rows])
+    add("attention bf16 d=64 N=16384 fwd+bwd >= 1.0x grid+sdpa", [number(r.get("vs grid+sdpa")) for r in att_rows])
+    step_rows = [r for t in results.get("train_step_tables", []) for r in table_rows(t) if r.get("impl") == "coorkern"]
+    add("training step >= 1.5x eager reference ops", [number(r.get("vs eager reference ops")) for r in step_rows])
+    return checks
+
+
+def results_markdown(results: dict) -> str:
+    lines = [MARK_START, f"## GPU: {results['device']} ({results['date']})", "",
+             f"`python bench/gpu_check.py`: torch {results['torch']}, triton {results['triton']}, "
+             f"CUDA {results['cuda']}; device-to-device copy {results['copy_gbps']:.0f} GB/s "
+             f"(read + write, 1 GiB). Time box {results['budget_s']:.0f} s, used {results['elapsed_s']:.0f} s.", ""]
+    for stage in results["stages"]:
+        lines.append(f"* {stage['name']}: {stage['status']} in {stage['seconds']:.0f} s"
+                     + (f" -- {stage['summary']}" if stage.get("summary") else ""))
+    if results.get("stopped_at"):
+        lines.append(f"* stopped at: {results['stopped_at']}")
+    for title, key in (("Central loss, forward + backward", "central_loss_tables"),
+                       ("Coordinate attention", "attention_tables"),
+                       ("Detector training step", "train_step_tables")):
+        for table in results.get(key, []):
+            lines += ["", f"### {title}", "", table]
+    lines += ["", "### Targets (issue 13)", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in results["targets"]]
+    lines.append(MARK_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_results_md(section: str, path: str = RESULTS_MD) -> None:
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + section + rest.split(MARK_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def copy_bandwidth_gbps() -> float:
+    import torch
+
+    src = torch.empty(2**28, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    gbps = 2 * src.numel() * src.element_size() / best / 1e9
+    del src, dst
+    torch.cuda.empty_cache()  # the stages run in subprocesses: leave them the memory
+    return gbps
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-min", type=float, default=20.0, help="time box for everything (minutes)")
+    parser.add_argument("--json", default=os.path.join(HERE, "gpu_check.json"), help="where to write the results")
+    parser.add_argument("--no-results-md", action="store_true", help="do not rewrite the GPU section of RESULTS.md")
+    parser.add_argument("--stage", choices=["train-step"], help=argparse.SUPPRESS)  # subprocess entry
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # train-step dry runs only
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 416), help=argparse.SUPPRESS)
+    parser.add_argument("--base", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per benchmark case")
+    args = parser.parse_args(argv)
+    if args.stage == "train-step":
+        train_step_benchmark(args.reps, args.device, tuple(args.size), args.base)
+        return 0
+
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (torch.cuda.is_available() is False): nothing ran, no numbers recorded.")
+        return EXIT_NO_CUDA
+    start = time.monotonic()
+    budget = args.budget_min * 60
+    device = torch.cuda.get_device_name(0)
+    results = {
+        "device": device, "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+        "device_count": torch.cuda.device_count(), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "budget_s": budget, "stages": [], "stopped_at": None,
+    }
+    results["copy_gbps"] = copy_bandwidth_gbps()
+    print(f"device: {device} (sm_{results['capability'].replace('.', '')}, {results['device_count']} visible)")
+    print(f"torch {results['torch']}, triton {results['triton']}, CUDA {results['cuda']}")
+    print(f"device-to-device copy: {results['copy_gbps']:.0f} GB/s (read + write)")
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["COORKERN_TEST_DEVICE"] = "cuda"
+    tests = sorted(os.path.join("python_tests", f) for f in os.listdir(os.path.join(ROOT, "python_tests"))
+                   if f.startswith("test_cuda_") and f.endswith(".py"))
+    py = sys.executable
+    reps = str(args.reps)
+    stages = [
+        ("cuda tests", [py, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-rfEs"], env),
+        ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,
+                                    "--dtypes", "fp32", "bf16", "--reps", reps], None),
+        ("attention benchmark", [py, "bench/attention.py", "--sizes", *ATTENTION_SIZES, "--dtypes", "fp32", "bf16",
+                                 "--reps", reps], None),
+        ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], None),
+    ]
+    for name, cmd, stage_env in stages:
+        left = budget - (time.monotonic() - start)
+        if left < 10:
+            results["stopped_at"] = f"{name} (not started: the {args.budget_min:g}-minute time box is used up)"
+            print(f"\nstopped at {name}: the {args.budget_min:g}-minute time box is used up")
+            break
+        stage = run_stage(name, cmd, min(STAGE_CAPS[name], left), stage_env)
+        if stage["status"] == "stopped" and results["stopped_at"] is None:
+            results["stopped_at"] = f"{name} (cut off after {stage['seconds']:.0f} s)"
+        tables = markdown_tables(stage["output"])
+        if name == "cuda tests":
+            summary = [line for line in stage["output"].splitlines() if re.search(r"\d+ (passed|failed|skipped)", line)]
+            stage["summary"] = summary[-1].strip("= ") if summary else ""
+        elif tables:
+            key = {"central loss benchmark": "central_loss_tables", "attention benchmark": "attention_tables",
+                   "training-step benchmark": "train_step_tables"}[name]
+            results[key] = tables[-1:]
+        results["stages"].append(stage)
+
+    results["elapsed_s"] = time.monotonic() - start
+    results["targets"] = check_targets(results)
+    print("\n=== targets")
+    for target, measured, verdict in results["targets"]:
+        print(f"{verdict:>8}  {target}: {measured}")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {args.json}")
+    if not args.no_results_md:
+        write_results_md(results_markdown(results))
+        print(f"wrote the GPU section of {RESULTS_MD}")
+    if results["stopped_at"]:
+        print(f"stopped at {results['stopped_at']}")
+    failed = [s["name"] for s in results["stages"] if s["status"] != "ok"]
+    return 1 if failed or results["stopped_at"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""bench/gpu_check.py on a machine without CUDA, and its report plumbing (CPU only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exits_2_without_cuda(tmp_path):
+    results_md = os.path.join(ROOT, "bench", "RESULTS.md")
+    before = open(results_md).read()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, SCRIPT, "--json", str(tmp_path / "out.json")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "no CUDA device" in out.stdout and "nothing ran" in out.stdout
+    assert not (tmp_path / "out.json").exists()
+    assert open(results_md).read() == before
+
+
+def test_stage_runner_streams_output_and_stops_at_the_time_box(gpu_check, capsys):
+    done = gpu_check.run_stage("quick", [sys.executable, "-c", "print('| a | b |\\n|---|---|\\n| 1 | 2 |')"], 60)
+    assert done["status"] == "ok" and "| 1 | 2 |" in done["output"]
+    failed = gpu_check.run_stage("failing", [sys.executable, "-c", "raise SystemExit(3)"], 60)
+    assert failed["status"] == "failed (exit 3)"
+    slow = gpu_check.run_stage("slow", [sys.executable, "-c", "import time; print('started', flush=True); "
+                                                              "time.sleep(60)"], 2)
+    assert slow["status"] == "stopped" and slow["seconds"] < 30 and "started" in slow["output"]
+    assert "stopped at slow" in capsys.readouterr().out
+
+
+def test_targets_and_results_section(gpu_check, tmp_path):
+    loss_table = ("| shape | dtype | variant | impl | fwd+bwd ms | peak extra MiB | vs eager | vs compile | GB/s |\n"
+                  "|---|---|---|---|---|---|---|---|---|\n"
+                  "| 2x19x512x416 | fp32 | target | eager | 9.0 | 100 | 1.00x | 0.50x | 300 |\n"
+                  "| 2x19x512x416 | fp32 | target | coorkern | 1.0 | 0 | 9.00x | 1.20x | 2900 |\n"
+                  "| 2x19x512x416 | fp32 | landmarks | coorkern | 1.0 | 0 | 6.00x | 2.00x | 2500 |")
+    assert gpu_check.markdown_tables("noise\n" + loss_table + "\nmore noise\n") == [loss_table]
+    results = {"copy_gbps": 3000.0, "central_loss_tables": [loss_table]}
+    checks = {name: (measured, verdict) for name, measured, verdict in gpu_check.check_targets(results)}
+    assert checks["central loss >= 5x eager"] == ("6.00 (worst of 2)", "met")
+    assert checks["central loss >= 1.3x torch.compile"][1] == "NOT met"  # 1.20x in the first row
+    assert checks["central loss fwd+bwd >= 80% of copy bandwidth"][1] == "met"  # 2500 / 3000
+    assert checks["training step >= 1.5x eager reference ops"] == ("not measured", "-")
+
+    results.update(device="Some GPU", date="today", torch="t", triton="tr", cuda="c", budget_s=1200, elapsed_s=3,
+                   stages=[{"name": "cuda tests", "status": "ok", "seconds": 1, "summary": "3 passed"}],
+                   stopped_at=None, targets=gpu_check.check_targets(results))
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## CPU\n\ntable\n")
+    gpu_check.write_results_md(gpu_check.results_markdown(results), str(path))
+    first = path.read_text()
+    assert first.startswith("# Benchmark results\n\n## CPU\n\ntable\n") and "## GPU: Some GPU" in first
+    assert "| central loss >= 5x eager | 6.00 (worst of 2) | met |" in first
+    results["device"] = "Other GPU"
+    gpu_check.write_results_md(gpu_check.results_markdown(results), str(path))
+    second = path.read_text()  # the section is replaced, not appended
+    assert "Some GPU" not in second and second.count(gpu_check.MARK_START) == 1 and "## CPU" in second
