@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import coorkern
 from coorkern import models
@@ -269,40 +270,75 @@ def test_torch_export_for_inference():
 # --------------------------------------------------------------------------- precision / determinism
 
 
-def test_bf16_autocast_training_step_is_finite():
+def test_bf16_autocast_training_step_is_close_to_float32():
     model = tiny_detector(base_channels=4)
     images = torch.randn(2, 1, 64, 64)
+    landmarks = landmarks_for(images, 3)
+    loss32 = training_loss(model, images, landmarks)
+    loss32.backward()
+    grads32 = gradients(model)
+    model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(images)
     assert logits.dtype == torch.bfloat16
-    loss = central_loss_from_landmarks(logits.float(), landmarks_for(images, 3))
+    loss = central_loss_from_landmarks(logits.float(), landmarks)
     loss.backward()
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # bf16 keeps 8 mantissa bits (~0.4% per rounding).  The loss (dominated by the head) agrees
+    # to 0.2%, all gradients together to 10% in norm; the small gradients deep in the encoder
+    # carry more relative noise (up to ~60% here) but still point the same way.
+    assert float(loss.detach()) == pytest.approx(float(loss32.detach()), rel=2e-3)
+    names = sorted(grads32)
+    grads = gradients(model)
+    actual = torch.cat([grads[n].flatten() for n in names])
+    expected = torch.cat([grads32[n].flatten() for n in names])
+    assert float((actual - expected).norm() / expected.norm()) < 0.1
+    for name in names:
+        cosine = F.cosine_similarity(grads[name].flatten(), grads32[name].flatten(), dim=0)
+        assert cosine > 0.5, (name, float(cosine))
 
 
-def test_deterministic_mode_gives_identical_training_steps():
+def test_deterministic_mode_makes_training_steps_atomic_free_and_identical(monkeypatch):
+    """torch.use_deterministic_algorithms switches the fused attention's backward to its
+    atomic-free path (the one that is bitwise reproducible on a GPU, where atomic adds land in
+    any order).  Counted on the Triton kernels (interpreter): atomic adds without the flag,
+    none with it, and the same training steps either way up to rounding."""
+    from triton.runtime import interpreter
+
+    atomics = []
+    real = interpreter.InterpreterBuilder.create_atomic_rmw
+
+    def counting(self, *args, **kwargs):
+        atomics.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw", counting)
+
     def step():
         torch.manual_seed(1)
-        model = tiny_detector()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        images = torch.randn(2, 1, 64, 64)
-        landmarks = landmarks_for(images, 3)
-        for _ in range(2):
-            optimizer.zero_grad()
-            loss = training_loss(model, images, landmarks)
+        block = CoorTransformerBlock(8, 2, coord_groups=2)  # the detector's attention, on one small map
+        optimizer = torch.optim.Adam(block.parameters(), lr=1e-2)
+        maps = torch.randn(1, 8, 6, 5)
+        atomics.clear()
+        with coorkern.backend("triton"):
+            loss = block(maps).square().mean()
             loss.backward()
             optimizer.step()
-        return loss.detach(), [p.detach().clone() for p in model.parameters()]
+        return len(atomics), loss.detach(), [p.detach().clone() for p in block.parameters()]
 
     previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
     try:
+        torch.use_deterministic_algorithms(False)
+        free = step()
+        torch.use_deterministic_algorithms(True)
         first, second = step(), step()
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    assert free[0] > 0 and first[0] == 0 and second[0] == 0
+    assert torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(first[2], second[2]))
+    torch.testing.assert_close(free[1], first[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(free[2], first[2]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- summary
