@@ -14,8 +14,9 @@ Public API:
 
 Submodules: :mod:`coorkern.models` (the detector), :mod:`coorkern.export` (ONNX),
 :mod:`coorkern.data`, :mod:`coorkern.metrics`, :mod:`coorkern.conformal` (uncertainty
-radii), :mod:`coorkern.plots`, and the commands of the ``coorkern`` console script
-(:mod:`coorkern.cli`): ``train``, ``evaluate``, ``predict``, ``export``, ``info``.
+radii), :mod:`coorkern.plots`, :mod:`coorkern.profiles` (training profiles), and the
+commands of the ``coorkern`` console script (:mod:`coorkern.cli`): ``train``, ``evaluate``,
+``predict``, ``export``, ``info``; ``python -m coorkern.experiments`` runs the paper's studies.
 
 Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C++.
 """

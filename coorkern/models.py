@@ -9,8 +9,12 @@ Three building blocks and the detector:
   authors' released code, where the ReLU of the conv output is used directly.
 * :class:`CoorTransformerBlock` -- pre-norm transformer block whose attention is
   :func:`coorkern.coor_attention` (Q and K sampled at the coordinates, V from the
-  features; ``sample="kv"`` for the released-code variant), or plain SDPA self-attention
-  on the same tokens (``attention="vanilla"``).  ``patch_size=2`` takes the tokens at
+  features; ``sample="kv"`` for the released-code variant), or one of the paper's
+  Table IV baselines on the same tokens: plain SDPA self-attention
+  (``attention="vanilla"``), shifted-window attention (``"swin"``, Liu et al.,
+  :class:`WindowAttention`) or deformable attention (``"deformable"``, Xia et al.'s
+  DAT: queries are the tokens, keys and values sampled at learned points, i.e.
+  ``coor_attention(sample="kv")``).  ``patch_size=2`` takes the tokens at
   half resolution through a 2x2 stride-2 patch embedding and brings them back with a
   2x2 transposed convolution, as the released code does for the high-resolution stage.
 * :class:`CoorDetector` -- U-Net: conv-BN-ReLU encoder with down-sampling; decoder
@@ -19,8 +23,8 @@ Three building blocks and the detector:
   logits ``(B, num_landmarks, H, W)`` at the input resolution.
 
 Nothing here materializes an ``N x N`` attention matrix: coordinate attention goes
-through the fused coorkern op (Triton on CUDA, C++ on CPU) and vanilla attention through
-``F.scaled_dot_product_attention``.  ``python -m coorkern.models --summary`` prints the
+through the fused coorkern op (Triton on CUDA, C++ on CPU) and vanilla and window
+attention through ``F.scaled_dot_product_attention``.  ``python -m coorkern.models --summary`` prints the
 parameter count, an activation-memory estimate and the attention tokens per stage.
 """
 
@@ -43,13 +47,15 @@ __all__ = [
     "CoorTransformerBlock",
     "CoorDetector",
     "ModelSummary",
+    "TRANSFORMER_KINDS",
+    "WindowAttention",
     "reference_grid",
     "summary",
 ]
 
 COORD_MODES = ("offset", "absolute")
-ATTENTION_KINDS = ("coor", "vanilla")
-TRANSFORMER_KINDS = ("coor", "vanilla", "none")
+ATTENTION_KINDS = ("coor", "deformable", "swin", "vanilla")
+TRANSFORMER_KINDS = ("coor", "deformable", "swin", "vanilla", "none")
 
 
 def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -145,14 +151,27 @@ class CoordinateModule(nn.Module):
         return f"heads={self.heads}, groups={self.groups}, coords={self.coords!r}, offset_range={self.offset_range}"
 
 
+def _sample_mode(attention: str, sample: Optional[str]) -> str:
+    """The ``coor_attention`` sampling mode of an attention kind (``None``: the kind's own)."""
+    if attention == "deformable":
+        if sample not in (None, "kv"):
+            raise ValueError(
+                f"attention 'deformable' samples keys and values (sample='kv'), got sample={sample!r}; "
+                "the Q/K-sampled attention is attention='coor'"
+            )
+        return "kv"
+    return check_choice("sample", "qk" if sample is None else sample, ("qk", "kv"))
+
+
 class TokenAttention(nn.Module):
     """Multi-head attention on the tokens of a map: 1x1 Q/K/V projections, attention, output projection.
 
     With a ``coordinates`` module (a :class:`CoordinateModule`), the attention is
     :func:`coorkern.coor_attention` at the coordinates it predicts (``sample="qk"``: Q
-    and K maps sampled, V tokens; ``sample="kv"``: Q tokens, K and V maps sampled).
-    Without one it is plain SDPA self-attention on the same tokens (``kind == "vanilla"``,
-    the paper's Table IV baseline).
+    and K maps sampled, V tokens -- ``kind == "coor"``; ``sample="kv"``: Q tokens, K
+    and V maps sampled -- DAT's deformable attention, ``kind == "deformable"``).
+    Without one it is plain SDPA self-attention on the same tokens (``kind ==
+    "vanilla"``, the paper's Table IV baseline).  Subclasses change :meth:`attend`.
     """
 
     def __init__(
@@ -176,33 +195,128 @@ class TokenAttention(nn.Module):
 
     @property
     def kind(self) -> str:
-        return "vanilla" if self.coordinates is None else "coor"
+        if self.coordinates is None:
+            return "vanilla"
+        return "coor" if self.sample == "qk" else "deformable"
 
     def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, n, dim = tokens.shape
         # (B, N, 3C) -> (3, B, heads, H, W, d): channels-last maps per head, the op's layout.
         qkv = self.qkv(tokens).reshape(batch, height, width, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
-        if self.coordinates is None:
-            out = F.scaled_dot_product_attention(*(t.reshape(batch, self.heads, n, self.head_dim) for t in (q, k, v)))
-        else:
-            coords = self.coordinates(_tokens_to_map(tokens, height, width))
-            if self.sample == "qk":
-                v = v.reshape(batch, self.heads, n, self.head_dim)
-            else:
-                q = q.reshape(batch, self.heads, n, self.head_dim)
-            out = coor_attention(q, k, v, coords, sample=self.sample)
+        out = self.attend(q, k, v, tokens, height, width)
         return self.proj(out.transpose(1, 2).reshape(batch, n, dim))
+
+    def attend(self, q, k, v, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Attention of the ``(B, heads, H, W, d)`` maps q, k, v -> ``(B, heads, H*W, d)``."""
+        batch, n = tokens.shape[:2]
+        if self.coordinates is None:
+            return F.scaled_dot_product_attention(*(t.reshape(batch, self.heads, n, self.head_dim) for t in (q, k, v)))
+        coords = self.coordinates(_tokens_to_map(tokens, height, width))
+        if self.sample == "qk":
+            v = v.reshape(batch, self.heads, n, self.head_dim)
+        else:
+            q = q.reshape(batch, self.heads, n, self.head_dim)
+        return coor_attention(q, k, v, coords, sample=self.sample)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, heads={self.heads}, head_dim={self.head_dim}, sample={self.sample!r}"
+
+
+class WindowAttention(TokenAttention):
+    """Swin's (shifted) window attention (Liu et al., 2021) on the tokens of a map.
+
+    Tokens attend only to the tokens of their ``window_size x window_size`` window.  A
+    map whose side is not a multiple of the window is zero-padded at the bottom/right,
+    and the padded tokens are masked out as keys (a map smaller than the window has one
+    window of the map's size).  ``shifted=True`` moves the window grid by half a window
+    (a cyclic roll of the map, as Swin does, with the pairs that the roll brings together
+    from opposite edges masked out), so consecutive blocks exchange information across
+    window borders.  Every head adds a learned relative position bias, one value per
+    offset ``(dy, dx)`` inside a window.  The attention itself is
+    ``F.scaled_dot_product_attention`` over the windows, with the bias and the mask as
+    its additive ``attn_mask``.
+    """
+
+    def __init__(self, dim: int, heads: int, window_size: int = 8, shifted: bool = False, qkv_bias: bool = True) -> None:
+        super().__init__(dim, heads, "qk", None, qkv_bias)
+        self.window_size = check_positive_int("window_size", window_size)
+        self.shifted = bool(shifted)
+        span = 2 * self.window_size - 1
+        self.relative_position_bias = nn.Parameter(torch.zeros(span * span, heads))
+        nn.init.trunc_normal_(self.relative_position_bias, std=0.02)
+
+    @property
+    def kind(self) -> str:
+        return "swin"
+
+    def layout(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """Window height/width and shift along y/x for a ``height x width`` token map."""
+        wh, ww = min(self.window_size, height), min(self.window_size, width)
+        # No shift where one window covers the side: rolling it would only split it.
+        sh = wh // 2 if self.shifted and height > wh else 0
+        sw = ww // 2 if self.shifted and width > ww else 0
+        return wh, ww, sh, sw
+
+    def attention_bias(self, height: int, width: int) -> torch.Tensor:
+        """Additive ``(windows, heads, T, T)`` mask: relative position bias, ``-inf`` where not allowed.
+
+        Windows in the order of :meth:`attend`'s partition of the padded, rolled map;
+        ``T`` = tokens per window.
+        """
+        wh, ww, sh, sw = self.layout(height, width)
+        ph, pw = math.ceil(height / wh) * wh, math.ceil(width / ww) * ww
+        device = self.relative_position_bias.device
+        # Original position of every cell of the rolled, padded map, partitioned into windows.
+        rows = (torch.arange(ph, device=device) + sh) % ph
+        cols = (torch.arange(pw, device=device) + sw) % pw
+        oy, ox = (t.reshape(ph // wh, wh, pw // ww, ww).transpose(1, 2).reshape(-1, wh * ww)
+                  for t in torch.meshgrid(rows, cols, indexing="ij"))
+        dy = oy[:, :, None] - oy[:, None, :]
+        dx = ox[:, :, None] - ox[:, None, :]
+        real_key = ((oy < height) & (ox < width))[:, None, :]
+        # A pair the roll brought together from opposite edges is more than a window apart.
+        allowed = (dy.abs() < wh) & (dx.abs() < ww) & (real_key | torch.eye(wh * ww, dtype=torch.bool, device=device))
+        span = 2 * self.window_size - 1
+        index = (dy.clamp(-(wh - 1), wh - 1) + self.window_size - 1) * span + dx.clamp(-(ww - 1), ww - 1) + (
+            self.window_size - 1)
+        bias = self.relative_position_bias[index].permute(0, 3, 1, 2)  # (windows, heads, T, T)
+        return bias.masked_fill(~allowed[:, None], float("-inf"))
+
+    def attend(self, q, k, v, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch, heads, _, _, d = q.shape
+        wh, ww, sh, sw = self.layout(height, width)
+        ph, pw = math.ceil(height / wh) * wh, math.ceil(width / ww) * ww
+        nh, nw = ph // wh, pw // ww
+
+        def windows(m):  # (B, heads, H, W, d) -> (B * windows, heads, T, d)
+            if ph != height or pw != width:
+                m = F.pad(m, (0, 0, 0, pw - width, 0, ph - height))
+            if sh or sw:
+                m = torch.roll(m, shifts=(-sh, -sw), dims=(2, 3))
+            m = m.reshape(batch, heads, nh, wh, nw, ww, d).permute(0, 2, 4, 1, 3, 5, 6)
+            return m.reshape(batch * nh * nw, heads, wh * ww, d)
+
+        bias = self.attention_bias(height, width).to(q.dtype).repeat(batch, 1, 1, 1)
+        out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=bias)
+        out = out.reshape(batch, nh, nw, heads, wh, ww, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(batch, heads, ph, pw, d)
+        if sh or sw:
+            out = torch.roll(out, shifts=(sh, sw), dims=(2, 3))
+        return out[:, :, :height, :width].reshape(batch, heads, height * width, d)
+
+    def extra_repr(self) -> str:
+        return f"kind='swin', heads={self.heads}, head_dim={self.head_dim}, window_size={self.window_size}, " \
+               f"shifted={self.shifted}"
 
 
 class CoorTransformerBlock(nn.Module):
     """Pre-norm transformer block on a ``(B, dim, H, W)`` map, returning the same shape.
 
     ``x + proj(attention(norm(x)))`` then ``x + MLP(norm(x))`` with expansion
-    ``mlp_ratio`` (the paper: 4).  ``patch_size=2`` runs both on tokens at half
+    ``mlp_ratio`` (the paper: 4), whatever the ``attention`` kind (one of
+    ``ATTENTION_KINDS``; ``window_size``/``shifted`` configure ``"swin"``, ``sample``
+    the coordinate kinds: default ``"qk"`` for ``"coor"``, always ``"kv"`` for
+    ``"deformable"``).  ``patch_size=2`` runs both on tokens at half
     resolution (2x2 stride-2 patch embedding) and adds the result, brought back by a 2x2
     transposed convolution, to the input -- attention over 4x fewer tokens, while the
     residual keeps the full-resolution detail.
@@ -213,7 +327,7 @@ class CoorTransformerBlock(nn.Module):
         dim: int,
         heads: int,
         mlp_ratio: float = 4.0,
-        sample: str = "qk",
+        sample: Optional[str] = None,
         *,
         attention: str = "coor",
         patch_size: int = 1,
@@ -221,6 +335,8 @@ class CoorTransformerBlock(nn.Module):
         coord_groups: int = 1,
         offset_range: float = 4.0,
         qkv_bias: bool = True,
+        window_size: int = 8,
+        shifted: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int("dim", dim)
@@ -232,9 +348,14 @@ class CoorTransformerBlock(nn.Module):
         self.embed = nn.Conv2d(dim, dim, 2, stride=2) if patch_size == 2 else None
         self.unembed = nn.ConvTranspose2d(dim, dim, 2, stride=2) if patch_size == 2 else None
         check_choice("attention", attention, ATTENTION_KINDS)
-        coordinates = CoordinateModule(dim, heads, coord_groups, coords, offset_range) if attention == "coor" else None
+        sample = _sample_mode(attention, sample)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = TokenAttention(dim, heads, sample, coordinates, qkv_bias)
+        if attention == "swin":
+            self.attn = WindowAttention(dim, heads, window_size, shifted, qkv_bias)
+        else:
+            coordinates = (CoordinateModule(dim, heads, coord_groups, coords, offset_range)
+                           if attention in ("coor", "deformable") else None)
+            self.attn = TokenAttention(dim, heads, sample, coordinates, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         hidden = max(1, int(round(dim * mlp_ratio)))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -332,8 +453,13 @@ class CoorDetector(nn.Module):
     bottom/right to a multiple of 32 (five halvings) and the logits are cropped back, so
     e.g. 512x416 and 512x368 work.
 
-    ``transformer="coor"`` (default) uses coordinate attention, ``"vanilla"`` plain
-    SDPA self-attention on the same tokens and ``"none"`` no transformer (Table IV).
+    ``transformer="coor"`` (default) uses coordinate attention, and the baselines of
+    Table IV: ``"vanilla"`` plain SDPA self-attention on the same tokens, ``"swin"``
+    shifted-window attention (``window_size`` tokens square; the window grid is
+    shifted in every second transformer block of the decoder, counted across the
+    stages, so with the paper's depths ``(1, 1, 1, 1)`` stages 2 and 4 are shifted),
+    ``"deformable"`` DAT-style deformable attention (the same as ``"coor"`` with
+    ``sample="kv"``) and ``"none"`` no transformer.
     """
 
     num_downsamplings = 5
@@ -348,11 +474,12 @@ class CoorDetector(nn.Module):
         mlp_ratio: float = 4.0,
         transformer: str = "coor",
         *,
-        sample: str = "qk",
+        sample: Optional[str] = None,
         coords: str = "offset",
         coord_groups: int = 1,
         offset_range: float = 4.0,
         token_strides: Sequence[int] = (1, 1, 1, 2),
+        window_size: int = 8,
     ) -> None:
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
@@ -362,7 +489,8 @@ class CoorDetector(nn.Module):
         self.heads = check_int_sequence("heads", heads, 4, minimum=1)
         self.token_strides = check_int_sequence("token_strides", token_strides, 4, minimum=1)
         self.transformer = check_choice("transformer", transformer, TRANSFORMER_KINDS)
-        self.sample = sample
+        self.sample = _sample_mode(transformer, sample)
+        self.window_size = check_positive_int("window_size", window_size)
 
         c = base_channels
         channels = [c] + [c * 2 ** (i - 1) for i in range(1, self.num_downsamplings + 1)]  # per level 0..5
@@ -374,23 +502,26 @@ class CoorDetector(nn.Module):
         )
         # Decoder stage s ends at level 4 - s (1/16 ... 1/2).
         self.decoder = nn.ModuleList()
+        block_index = 0
         for stage in range(4):
             level = 4 - stage
             dim = channels[level]
-            blocks = [] if transformer == "none" else [
-                CoorTransformerBlock(
+            blocks = []
+            for _ in range(self.depths[stage] if transformer != "none" else 0):
+                blocks.append(CoorTransformerBlock(
                     dim,
                     self.heads[stage],
                     mlp_ratio,
-                    sample,
+                    self.sample,
                     attention=transformer,
                     patch_size=self.token_strides[stage],
                     coords=coords,
                     coord_groups=coord_groups,
                     offset_range=offset_range,
-                )
-                for _ in range(self.depths[stage])
-            ]
+                    window_size=window_size,
+                    shifted=block_index % 2 == 1,
+                ))
+                block_index += 1
             self.decoder.append(DecoderStage(channels[level + 1], channels[level], dim, nn.Sequential(*blocks)))
         self.final = DecoderStage(channels[1], channels[0], c, nn.Identity())
         self.head = nn.Conv2d(c, num_landmarks, 1)
@@ -470,6 +601,9 @@ class ModelSummary:
             f"activations (float32, outputs of every layer, ~ what training keeps for backward): "
             f"{self.activation_bytes / 2**20:,.1f} MiB"
         )
+        if self.config["transformer"] == "swin":
+            lines.append(f"swin: {self.config['window_size']} x {self.config['window_size']} token windows "
+                         "(each token attends to at most that many), shifted in every second block")
         lines.append("attention tokens per stage (attention memory is O(N) with the fused ops, never N x N):")
         for name, th, tw, n, heads, depth in self.tokens_per_stage:
             lines.append(f"  {name:<26} grid {th:>4} x {tw:<4} N = {n:>7,}  heads {heads}  blocks {depth}")
@@ -524,6 +658,8 @@ def summary(model: CoorDetector, image_size: tuple[int, int] = (512, 416), batch
         transformer=model.transformer,
         token_strides=model.token_strides,
     )
+    if model.transformer == "swin":
+        config["window_size"] = model.window_size
     return ModelSummary(
         config, (height, width), batch_size, sum(by_part.values()), by_part, total[0], tokens
     )
@@ -538,10 +674,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--num-landmarks", type=int, default=19)
     parser.add_argument("--base-channels", type=int, default=64)
     parser.add_argument("--transformer", choices=TRANSFORMER_KINDS, default="coor")
+    parser.add_argument("--window-size", type=int, default=8, help="swin: window side in tokens")
     args = parser.parse_args(argv)
     if not args.summary:
         parser.error("nothing to do: pass --summary")
-    model = CoorDetector(args.in_channels, args.num_landmarks, args.base_channels, transformer=args.transformer)
+    model = CoorDetector(args.in_channels, args.num_landmarks, args.base_channels, transformer=args.transformer,
+                         window_size=args.window_size)
     print(summary(model, tuple(args.image_size), args.batch_size))
 
 

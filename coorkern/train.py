@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import conformal, metrics
+from . import conformal, metrics, profiles
 from . import data as data_mod
 from ._config import add_config_option, parse_with_config, plain_options, write_config
 from ._runs import (HelpFormatter, atomic_write_bytes, build_model, description, load_checkpoint,
@@ -57,6 +57,7 @@ from .evaluate import (autocast, device_or_error, evaluate_predictions, format_c
                        run_inference)
 from ._tensorboard import TensorBoardLogger, require_tensorboard
 from .losses import LOSSES, heatmap_loss
+from .models import TRANSFORMER_KINDS
 
 __all__ = ["build_parser", "main", "Options", "parse_args", "setup_run", "train_one_epoch", "validate", "save_checkpoints",
            "final_report", "calibrate_radii", "Run", "compute_loss", "LOSSES"]
@@ -115,7 +116,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--workers", type=int, default=0, help="DataLoader worker processes")
 
     g = p.add_argument_group("model")
-    add("--transformer", choices=("coor", "vanilla", "none"), default="coor", help="attention in the decoder")
+    add("--transformer", choices=TRANSFORMER_KINDS, default="coor",
+        help="attention in the decoder: the paper's coor, or a Table IV baseline")
     add("--base-channels", type=positive_int, help="width of the first level (paper 64; default 8 on CPU)")
     add("--depths", type=int, nargs=4, default=[1, 1, 1, 1], help="transformer blocks per decoder stage")
     add("--heads", type=positive_int, nargs=4, default=[8, 4, 2, 1], help="attention heads per decoder stage")
@@ -123,6 +125,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--head-bias", type=float, default=-4.0, help="initial bias of the heatmap logits (prior ~ sigmoid(bias))")
 
     g = p.add_argument_group("optimization")
+    add("--profile", choices=profiles.PROFILE_CHOICES, default="auto",
+        help="defaults for the options not given (coorkern.profiles): paper = the paper's configuration, cpu = "
+             "~30 min per real-data run on 2 cores; auto = paper on CUDA, cpu without, for real data")
     add("--epochs", type=positive_int, help="epochs (default 10 on CPU, 40 on GPU)")
     add("--batch-size", type=positive_int,
         help="images per step and process (default 8 on CPU, 4 on GPU; the paper: 2)")
@@ -390,6 +395,9 @@ def setup_run(options: Options) -> Run:
     args, parser, resume_ckpt = options.args, options.parser, options.resume_checkpoint
     dist = _Dist()
     device = _select_device(args, parser, dist)
+    note = profiles.apply_profile(args, options.explicit, device) if resume_ckpt is None else None
+    if note:
+        _log(dist, note)
     _resolve(args, device)
     _set_deterministic(args.deterministic)
     _seed_everything(args.seed)

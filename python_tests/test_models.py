@@ -181,7 +181,7 @@ def test_transformer_switch(monkeypatch):
     coor(images)
     assert len(calls) == 4
     with pytest.raises(ValueError, match="transformer"):
-        tiny_detector(transformer="swin")
+        tiny_detector(transformer="swinv2")
 
 
 def test_depths_and_heads_configure_the_stages():
