@@ -525,7 +525,11 @@ def write_report(args, variants: dict, runs: list, common: Sequence[str]) -> dic
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the studies; returns ``{"report", "launched", "failed"}``.  Exit status 1 if a run failed."""
+    """Run the studies; returns ``{"report", "launched", "failed"}``.
+
+    When a run failed, the report is still written and ``SystemExit(1)`` is raised, so the
+    exit status is 1 from ``python -m coorkern.experiments`` and ``coorkern experiments`` alike.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -556,8 +560,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"report: {out / 'report.md'} (+ report.json, PNGs)")
     if failed:
         print(f"{len(failed)} run(s) failed; see their train.log", file=sys.stderr)
+        raise SystemExit(1)
     return {"report": report, "launched": results, "failed": failed}
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failed"] else 0)
+    main()
