@@ -95,6 +95,19 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def report_table(caption: str, header: list[str], rows: list[list[str]], markdown_path=None) -> str:
+    """Print ``caption`` and the markdown table; also write both to ``markdown_path`` if given."""
+    table = markdown_table(header, rows)
+    print()
+    print(caption)
+    print()
+    print(table)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(f"{caption}\n\n{table}\n")
+    return table
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -276,15 +276,8 @@ def main() -> None:
                         row += [f"{gflops:.1f}", f"{100 * gflops / (args.peak_gflops * torch.get_num_threads()):.0f}%"]
                     rows.append(row)
                     print(" | ".join(row), flush=True)
-    table = _common.markdown_table(header, rows)
-    print()
-    print(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs, {args.clock} clock; {note}")
-    print()
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs, {args.clock} clock; "
-                    f"{note}\n\n{table}\n")
+    _common.report_table(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs, "
+                         f"{args.clock} clock; {note}", header, rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -118,15 +118,8 @@ def main() -> None:
                 row = [case, transformer, impl, f"{seconds * 1e3:.0f}", f"{mem:.0f}", vs_none, speedup]
                 rows.append(row)
                 print(" | ".join(row), flush=True)
-    table = _common.markdown_table(header, rows)
-    print()
-    print(f"Machine: {_common.device_name(device)}; min over {args.reps} steps after one warm-up, {args.clock} clock")
-    print()
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"Machine: {_common.device_name(device)}; min over {args.reps} steps, {args.clock} clock\n\n"
-                    f"{table}\n")
+    _common.report_table(f"Machine: {_common.device_name(device)}; min over {args.reps} steps after one warm-up, "
+                         f"{args.clock} clock", header, rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -136,15 +136,20 @@ def test_float64_matches_reference(impl, sample, align_corners, per_head):
 @pytest.mark.parametrize("sample,per_head,align_corners", [("qk", False, True), ("qk", True, False),
                                                            ("kv", False, False), ("kv", True, True)])
 def test_gradcheck_triton(sample, per_head, align_corners):
+    assert gradcheck_backend("triton", sample, per_head, align_corners)
+
+
+def gradcheck_backend(backend, sample, per_head, align_corners, **sizes):
+    """float64 gradcheck (fast mode) of ``backend``'s op on q, k, v and coords, scale 0.7."""
     q, k, v, coords = make_inputs(sample, heads=2, n=5, nq=3, hw=(3, 4), per_head=per_head,
-                                  align_corners=align_corners)
+                                  align_corners=align_corners, **sizes)
     inputs = [t.requires_grad_(True) for t in (q, k, v, coords)]
 
     def fn(q, k, v, coords):
-        with coorkern.backend("triton"):
+        with coorkern.backend(backend):
             return coorkern.coor_attention(q, k, v, coords, sample=sample, align_corners=align_corners, scale=0.7)
 
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 def test_gradcheck_coords_full_jacobian():

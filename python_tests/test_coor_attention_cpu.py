@@ -14,7 +14,7 @@ import torch
 
 import coorkern
 from coorkern import reference
-from test_coor_attention import make_coords, make_inputs, rel_err, run
+from test_coor_attention import gradcheck_backend, make_coords, make_inputs, rel_err, run
 
 pytestmark = pytest.mark.skipif(not coorkern.cpp_available(), reason="C++ extension not built")
 
@@ -58,15 +58,7 @@ def test_float64_token_counts(sample, n, nq):
 
 @pytest.mark.parametrize("sample,per_head,align_corners", [("qk", False, True), ("kv", True, False)])
 def test_gradcheck(sample, per_head, align_corners):
-    q, k, v, coords = make_inputs(sample, heads=2, n=5, nq=3, d=8, hw=(3, 4), per_head=per_head,
-                                  align_corners=align_corners)
-    inputs = [t.requires_grad_(True) for t in (q, k, v, coords)]
-
-    def fn(q, k, v, coords):
-        with coorkern.backend("cpp"):
-            return coorkern.coor_attention(q, k, v, coords, sample=sample, align_corners=align_corners, scale=0.7)
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    assert gradcheck_backend("cpp", sample, per_head, align_corners, d=8)
 
 
 # ---------------------------------------------------------------------------
