@@ -95,6 +95,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def add_row(rows: list[list[str]], row: list[str]) -> None:
+    """Append a table row and print it at once (long benchmarks show progress as they go)."""
+    rows.append(row)
+    print(" | ".join(row), flush=True)
+
+
 def report_table(caption: str, header: list[str], rows: list[list[str]], markdown_path=None) -> str:
     """Print ``caption`` and the markdown table; also write both to ``markdown_path`` if given."""
     table = markdown_table(header, rows)

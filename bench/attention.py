@@ -274,8 +274,7 @@ def main() -> None:
                     else:
                         gflops = flops / t_f / 1e9
                         row += [f"{gflops:.1f}", f"{100 * gflops / (args.peak_gflops * torch.get_num_threads()):.0f}%"]
-                    rows.append(row)
-                    print(" | ".join(row), flush=True)
+                    _common.add_row(rows, row)
     _common.report_table(f"Machine: {_common.device_name(device)}; B = {BATCH}; {stat} of {reps} runs, "
                          f"{args.clock} clock; {note}", header, rows, args.markdown)
 

@@ -116,8 +116,7 @@ def main() -> None:
                 if impl == "aten" and ("coor", "kernel") in times:
                     speedup = f"{seconds / times[('coor', 'kernel')]:.2f}x"
                 row = [case, transformer, impl, f"{seconds * 1e3:.0f}", f"{mem:.0f}", vs_none, speedup]
-                rows.append(row)
-                print(" | ".join(row), flush=True)
+                _common.add_row(rows, row)
     _common.report_table(f"Machine: {_common.device_name(device)}; min over {args.reps} steps after one warm-up, "
                          f"{args.clock} clock", header, rows, args.markdown)
 

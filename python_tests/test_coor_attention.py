@@ -324,12 +324,16 @@ def _op_args(sample):
 
 @pytest.mark.parametrize("sample", ["qk", "kv"])
 def test_opcheck(sample):
-    q, k, v, coords = _op_args(sample)
-    args = (q, k, v, coords, sample, 0.25, True)
+    opcheck_forward_and_backward(*_op_args(sample), sample, align_corners=True)
+
+
+def opcheck_forward_and_backward(q, k, v, coords, sample, align_corners):
+    """``torch.library.opcheck`` of ``coor_attention`` and of its backward op (scale 0.25)."""
+    args = (q, k, v, coords, sample, 0.25, align_corners)
     torch.library.opcheck(torch.ops.coorkern.coor_attention.default, args)
     out, lse = torch.ops.coorkern.coor_attention(*args)
     bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), coords.detach(), out.detach(),
-           lse.detach(), sample, 0.25, True)
+           lse.detach(), sample, 0.25, align_corners)
     torch.library.opcheck(torch.ops.coorkern.coor_attention_backward.default, bwd)
 
 

@@ -14,7 +14,8 @@ import torch
 
 import coorkern
 from coorkern import reference
-from test_coor_attention import gradcheck_backend, make_coords, make_inputs, rel_err, run
+from test_coor_attention import (gradcheck_backend, make_coords, make_inputs, opcheck_forward_and_backward, rel_err,
+                                 run)
 
 pytestmark = pytest.mark.skipif(not coorkern.cpp_available(), reason="C++ extension not built")
 
@@ -197,12 +198,7 @@ def test_fallback_rule(monkeypatch):
 def test_opcheck(sample):
     q, k, v, coords = [t.requires_grad_(True) for t in make_inputs(sample, heads=2, n=7, nq=5, d=8,
                                                                       dtype=torch.float32)]
-    args = (q, k, v, coords, sample, 0.25, False)
-    torch.library.opcheck(torch.ops.coorkern.coor_attention.default, args)
-    out, lse = torch.ops.coorkern.coor_attention(*args)
-    bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), coords.detach(), out.detach(),
-           lse.detach(), sample, 0.25, False)
-    torch.library.opcheck(torch.ops.coorkern.coor_attention_backward.default, bwd)
+    opcheck_forward_and_backward(q, k, v, coords, sample, align_corners=False)
 
 
 def test_torch_compile_fullgraph_training_step():
