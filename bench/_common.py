@@ -89,6 +89,33 @@ def measure(step: Callable[[], object], device: torch.device, warmup: int = 2, r
     return statistics.median(times), extra
 
 
+def gpu_kernel_ms(step: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds the GPU spends in kernels during one ``step()`` (torch.profiler); NaN off CUDA.
+
+    Next to the wall-clock time it separates a host-bound step (Python, dispatch and launch
+    overhead: the GPU idles between kernels) from slow kernels.  NaN, with a note, if the
+    profiler gives no kernel events.
+    """
+    if device.type != "cuda":
+        return float("nan")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    sync(device)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            sync(device)
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        if kernels:
+            return sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        print("gpu_kernel_ms: the profiler recorded no CUDA kernels", flush=True)
+    except Exception as exc:  # a profiler problem must not cost the benchmark's other numbers
+        print(f"gpu_kernel_ms: profiler failed ({type(exc).__name__}: {exc})", flush=True)
+    return float("nan")
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

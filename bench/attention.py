@@ -166,7 +166,8 @@ def time_backward(fwd, inputs, grad, device, reps, stat):
 
 
 def bench_one(fn, inputs, sample, device, reps, stat):
-    """(fwd s, bwd s, fwd+bwd s, fwd+bwd peak extra MiB); None where it ran out of memory."""
+    """(fwd s, bwd s, fwd+bwd s, fwd+bwd peak extra MiB, fwd+bwd GPU kernel ms (NaN on CPU));
+    None where it ran out of memory."""
     q, k, v, coords = inputs
 
     def fwd():
@@ -184,13 +185,14 @@ def bench_one(fn, inputs, sample, device, reps, stat):
 
         t_step = time_step(step, device, reps, stat)
         _, mem = _common.measure(step, device, warmup=0, reps=1)
+        kernel_ms = _common.gpu_kernel_ms(step, device)
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # eager N x N at the long sizes
         if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return None
-    return t_fwd, t_bwd, t_step, mem
+    return t_fwd, t_bwd, t_step, mem, kernel_ms
 
 
 def main() -> None:
@@ -241,7 +243,7 @@ def main() -> None:
     header = ["heads x d x N", "dtype", "sample", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
               "fwd+bwd vs eager", "vs grid+sdpa", "fwd vs grid+sdpa"]
     if on_gpu:
-        header += ["fwd TFLOP/s", "bwd TFLOP/s"]
+        header += ["fwd TFLOP/s", "bwd TFLOP/s", "fwd+bwd GPU kernel ms"]
     else:
         header += ["fwd GFLOP/s", "fwd % peak"]
     rows = []
@@ -258,9 +260,9 @@ def main() -> None:
                 for name, res in results.items():
                     if res is None:
                         row = [size, dtype_name, sample, name, "OOM", "OOM", "OOM", "-", "-", "-", "-"]
-                        rows.append(row + ["-", "-"])
+                        rows.append(row + ["-", "-"] + (["-"] if on_gpu else []))
                         continue
-                    t_f, t_b, t_s, mem = res
+                    t_f, t_b, t_s, mem, kernel_ms = res
 
                     def ratio(base, index=2):
                         other = results.get(base)
@@ -270,7 +272,7 @@ def main() -> None:
                            f"{t_s * 1e3:.2f}", f"{mem:.0f}", ratio("eager"), ratio("grid+sdpa"),
                            ratio("grid+sdpa", 0)]
                     if on_gpu:
-                        row += [f"{flops / t_f / 1e12:.1f}", f"{2.5 * flops / t_b / 1e12:.1f}"]
+                        row += [f"{flops / t_f / 1e12:.1f}", f"{2.5 * flops / t_b / 1e12:.1f}", f"{kernel_ms:.3f}"]
                     else:
                         gflops = flops / t_f / 1e9
                         row += [f"{gflops:.1f}", f"{100 * gflops / (args.peak_gflops * torch.get_num_threads()):.0f}%"]

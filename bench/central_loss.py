@@ -65,7 +65,7 @@ def main() -> None:
     print(_common.threads_note())
     header = ["shape", "dtype", "variant", "impl", "fwd+bwd ms", "peak extra MiB", "vs eager", "vs compile"]
     if on_gpu:
-        header.append("GB/s")
+        header += ["GB/s", "GPU kernel ms"]
     rows = []
     for shape_text in args.shapes:
         shape = tuple(int(s) for s in shape_text.split("x"))
@@ -77,7 +77,7 @@ def main() -> None:
             scale = torch.tensor([shape[-1], shape[-2]], dtype=torch.float32)
             lm = (torch.rand(shape[:-2] + (2,), generator=gen) * scale).to(device)
             for variant, data in (("target", t), ("landmarks", lm)):
-                results = {}
+                results, kernel_ms = {}, {}
                 for impl_name, fn in impls[variant].items():
                     if fn is None:
                         continue
@@ -87,13 +87,14 @@ def main() -> None:
                         fn(x, data).backward()
 
                     results[impl_name] = _common.measure(step, device, reps=args.reps)
+                    kernel_ms[impl_name] = _common.gpu_kernel_ms(step, device)
                 for impl_name, (sec, extra) in results.items():
                     row = [shape_text, dtype_name, variant, impl_name, f"{sec * 1e3:.2f}", f"{extra:.0f}",
                            f"{results['eager'][0] / sec:.2f}x",
                            f"{results['torch.compile'][0] / sec:.2f}x" if "torch.compile" in results else "-"]
                     if on_gpu:
                         elems = x.numel() * (3 if variant == "target" else 2)
-                        row.append(f"{elems * x.element_size() / sec / 1e9:.0f}")
+                        row += [f"{elems * x.element_size() / sec / 1e9:.0f}", f"{kernel_ms[impl_name]:.3f}"]
                     rows.append(row)
                     print(" | ".join(row), flush=True)
     print()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import queue
@@ -269,6 +270,15 @@ def copy_bandwidth_gbps() -> float:
 # ----------------------------------------------------------------------------- main
 
 
+def stage_env() -> dict:
+    """The stages' environment: the real Triton compiler (no interpreter), and coorkern
+    importable from this checkout even when it is not installed -- ``python bench/x.py``
+    puts bench/ on sys.path, not the root (the first H200 run lost both benchmarks to that)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-min", type=float, default=20.0, help="time box for everything (minutes)")
@@ -304,19 +314,24 @@ def main(argv=None) -> int:
     print(f"torch {results['torch']}, triton {results['triton']}, CUDA {results['cuda']}")
     print(f"device-to-device copy: {results['copy_gbps']:.0f} GB/s (read + write)")
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["COORKERN_TEST_DEVICE"] = "cuda"
+    base_env = stage_env()
+    env = dict(base_env, COORKERN_TEST_DEVICE="cuda")
+    # One line per test (a stage cut off still shows where), and a per-test time limit where
+    # pytest-timeout is installed, so one slow test fails instead of eating the stage.
+    pytest_flags = ["-v", "-p", "no:cacheprovider", "-rfEs", "--durations=10"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        pytest_flags += ["--timeout", "120"]
     tests = sorted(os.path.join("python_tests", f) for f in os.listdir(os.path.join(ROOT, "python_tests"))
                    if f.startswith("test_cuda_") and f.endswith(".py"))
     py = sys.executable
     reps = str(args.reps)
     stages = [
-        ("cuda tests", [py, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-rfEs"], env),
+        ("cuda tests", [py, "-m", "pytest", *tests, *pytest_flags], env),
         ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,
-                                    "--dtypes", "fp32", "bf16", "--reps", reps], None),
+                                    "--dtypes", "fp32", "bf16", "--reps", reps], base_env),
         ("attention benchmark", [py, "bench/attention.py", "--sizes", *ATTENTION_SIZES, "--dtypes", "fp32", "bf16",
-                                 "--reps", reps], None),
-        ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], None),
+                                 "--reps", reps], base_env),
+        ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], base_env),
     ]
     for name, cmd, stage_env in stages:
         left = budget - (time.monotonic() - start)
@@ -324,7 +339,9 @@ def main(argv=None) -> int:
             results["stopped_at"] = f"{name} (not started: the {args.budget_min:g}-minute time box is used up)"
             print(f"\nstopped at {name}: the {args.budget_min:g}-minute time box is used up")
             break
-        stage = run_stage(name, cmd, min(STAGE_CAPS[name], left), stage_env)
+        # A shorter time box shrinks every stage's cap alike, so the later stages still run.
+        cap = STAGE_CAPS[name] * min(1.0, budget / (20 * 60))
+        stage = run_stage(name, cmd, min(cap, left), stage_env)
         if stage["status"] == "stopped" and results["stopped_at"] is None:
             results["stopped_at"] = f"{name} (cut off after {stage['seconds']:.0f} s)"
         tables = markdown_tables(stage["output"])

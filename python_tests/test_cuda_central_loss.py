@@ -293,36 +293,54 @@ def test_launched_kernels_do_not_spill(cuda_device):
         for cache in jit_fn.device_caches.values():
             compiled += list(cache[0].values())
     assert len(compiled) >= 2 * 4 * 3  # variants x dtypes x modes, at least
+    # Report every offender with its constants: on the first H200 run this failed after the
+    # whole file had run, with the message lost; every variant compiled for sm_90 here
+    # (triton 3.6 and 3.9) has 0 spills, so the launched set holds something those miss.
+    offenders = []
     for kernel in compiled:
-        kernel._init_handles()
-        assert kernel.n_spills == 0, (kernel.name, kernel.n_regs, kernel.n_spills)
+        try:
+            kernel._init_handles()
+        except Exception as exc:  # noqa: BLE001 -- reported below with the kernel's constants
+            offenders.append((kernel.name, f"{type(exc).__name__}: {exc}", _kernel_constants(kernel)))
+            continue
+        if kernel.n_spills:
+            offenders.append((kernel.name, f"{kernel.n_regs} registers, {kernel.n_spills} spills",
+                              _kernel_constants(kernel)))
+    assert not offenders, offenders
+
+
+def _kernel_constants(kernel):
+    source = getattr(kernel, "src", None)
+    return {str(k): str(v) for k, v in (getattr(source, "constants", None) or {}).items()}
 
 
 # ------------------------------------------------------------------ torch.library / compile
 
 
-def test_opcheck(cuda_device):
-    for dtype in (torch.float32, torch.float64):
-        logits = torch.randn(2, 3, 7, 5, dtype=dtype, device=cuda_device, requires_grad=True)
-        target = torch.rand(2, 3, 7, 5, dtype=dtype, device=cuda_device)
-        landmarks = torch.rand(2, 3, 2, dtype=dtype, device=cuda_device) * 6
-        for reduction in REDUCTIONS:
-            grad_out = torch.rand((), dtype=dtype, device=cuda_device) if reduction != "none" else \
-                torch.rand_like(logits)
-            torch.library.opcheck(torch.ops.coorkern.central_loss.default, (logits, target, 2.0, reduction))
-            torch.library.opcheck(torch.ops.coorkern.central_loss_from_landmarks.default,
-                                  (logits, landmarks, 2.0, 1.0, reduction, 3.0))
-            torch.library.opcheck(torch.ops.coorkern.central_loss_backward.default,
-                                  (grad_out, logits.detach(), target, 0.5, reduction))
-            torch.library.opcheck(torch.ops.coorkern.central_loss_from_landmarks_backward.default,
-                                  (grad_out, logits.detach(), landmarks, 2.0, 2.0, reduction, None))
-            if cl_module.HAS_TRITON_OP:  # the triton_op path the Python API takes on CUDA
-                for data, from_landmarks in ((target, False), (landmarks, True)):
-                    torch.library.opcheck(torch.ops.coorkern.central_loss_triton.default,
-                                          (logits, data, 2.0, 2.5, reduction, 3.0, from_landmarks))
-                    torch.library.opcheck(torch.ops.coorkern.central_loss_triton_backward.default,
-                                          (grad_out, logits.detach(), data, 2.0, 1.0, reduction, None,
-                                           from_landmarks))
+# One case per (dtype, reduction): the whole set took over 40 s on an H200 (each opcheck
+# traces the triton_op path through fake tensors), long enough to hit a per-test timeout.
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(cuda_device, dtype, reduction):
+    logits = torch.randn(2, 3, 7, 5, dtype=dtype, device=cuda_device, requires_grad=True)
+    target = torch.rand(2, 3, 7, 5, dtype=dtype, device=cuda_device)
+    landmarks = torch.rand(2, 3, 2, dtype=dtype, device=cuda_device) * 6
+    grad_out = torch.rand((), dtype=dtype, device=cuda_device) if reduction != "none" else \
+        torch.rand_like(logits)
+    torch.library.opcheck(torch.ops.coorkern.central_loss.default, (logits, target, 2.0, reduction))
+    torch.library.opcheck(torch.ops.coorkern.central_loss_from_landmarks.default,
+                          (logits, landmarks, 2.0, 1.0, reduction, 3.0))
+    torch.library.opcheck(torch.ops.coorkern.central_loss_backward.default,
+                          (grad_out, logits.detach(), target, 0.5, reduction))
+    torch.library.opcheck(torch.ops.coorkern.central_loss_from_landmarks_backward.default,
+                          (grad_out, logits.detach(), landmarks, 2.0, 2.0, reduction, None))
+    if cl_module.HAS_TRITON_OP:  # the triton_op path the Python API takes on CUDA
+        for data, from_landmarks in ((target, False), (landmarks, True)):
+            torch.library.opcheck(torch.ops.coorkern.central_loss_triton.default,
+                                  (logits, data, 2.0, 2.5, reduction, 3.0, from_landmarks))
+            torch.library.opcheck(torch.ops.coorkern.central_loss_triton_backward.default,
+                                  (grad_out, logits.detach(), data, 2.0, 1.0, reduction, None,
+                                   from_landmarks))
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])

@@ -44,6 +44,14 @@ def test_stage_runner_streams_output_and_stops_at_the_time_box(gpu_check, capsys
     assert "stopped at slow" in capsys.readouterr().out
 
 
+def test_stages_import_coorkern_from_the_checkout_without_the_interpreter(gpu_check, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    env = gpu_check.stage_env()
+    assert "TRITON_INTERPRET" not in env
+    assert env["PYTHONPATH"].split(os.pathsep) == [ROOT, "/somewhere/else"]
+
+
 def test_targets_and_results_section(gpu_check, tmp_path):
     loss_table = ("| shape | dtype | variant | impl | fwd+bwd ms | peak extra MiB | vs eager | vs compile | GB/s |\n"
                   "|---|---|---|---|---|---|---|---|---|\n"

@@ -132,7 +132,9 @@ def _pixel_row_col(pix, width, ACC: tl.constexpr, FAST_ROW: tl.constexpr):
     integer division.
     """
     if FAST_ROW:
-        width_f = width.to(tl.float32)
+        # tl.cast, not width.to: the JIT specializes an int argument equal to 1 into a
+        # Python int (a 1-pixel-wide map), which has no .to().
+        width_f = tl.cast(width, tl.float32)
         pix_f = pix.to(tl.float32)
         row = tl.floor((pix_f + 0.5) * (1.0 / width_f))
         col = pix_f - row * width_f  # exact: integers below 2^24

@@ -84,8 +84,8 @@ def _bilinear_setup(cx, cy, height, width, ALIGN: tl.constexpr):
     the int32 corner index -- with all four corners outside, clamping changes nothing.
     A NaN coordinate gives NaN weights (the sample is NaN, as in grid_sample).
     """
-    wf = width.to(cx.dtype)
-    hf = height.to(cx.dtype)
+    wf = tl.cast(width, cx.dtype)  # not .to(): a size of 1 arrives as a Python int (JIT specialization)
+    hf = tl.cast(height, cx.dtype)
     if ALIGN:
         ix = (cx + 1.0) * 0.5 * (wf - 1.0)
         iy = (cy + 1.0) * 0.5 * (hf - 1.0)
