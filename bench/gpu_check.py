@@ -6,7 +6,9 @@ On a CUDA machine, within a time box (20 minutes by default), in this order:
 
 1. prints the device, torch / triton / CUDA versions and the measured copy bandwidth;
 2. runs the CUDA tests (``COORKERN_TEST_DEVICE=cuda pytest python_tests/test_cuda_*.py``,
-   real Triton compiler, no interpreter);
+   real Triton compiler, no interpreter; one line per test, 120 s per test at most);
+   then a host profile of one forward + backward of each op (wall vs GPU kernel time,
+   cProfile, torch.profiler) -- the first H200 run found both host-bound;
 3. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
    64M-element case, fp32 and bf16 (GB/s against the minimum bytes);
 4. ``bench/attention.py`` at the detector's sizes and at N = 13312 / 16384 with
@@ -48,8 +50,10 @@ CENTRAL_LOSS_SHAPES = ["2x19x512x416", "8x19x512x416", "64x1x1024x1024"]  # the 
 ATTENTION_SIZES = ["8x32x832", "4x32x3328", "2x32x13312", "2x64x13312", "2x128x13312",
                    "1x32x16384", "1x64x16384", "1x128x16384"]
 # Stage time caps in seconds (each also bounded by what is left of the budget).
-STAGE_CAPS = {"cuda tests": 420, "central loss benchmark": 180, "attention benchmark": 420,
+STAGE_CAPS = {"cuda tests": 420, "host profile": 60, "central loss benchmark": 180, "attention benchmark": 420,
               "training-step benchmark": 240}
+TABLE_KEYS = {"central loss benchmark": "central_loss_tables", "attention benchmark": "attention_tables",
+              "training-step benchmark": "train_step_tables"}
 TARGETS = {
     "central loss fwd+bwd >= 80% of copy bandwidth": 0.8,
     "central loss >= 1.3x torch.compile": 1.3,
@@ -185,6 +189,64 @@ def train_step_benchmark(reps: int, device: str = "cuda", size: tuple[int, int] 
                                  rows))
 
 
+# ----------------------------------------------------------------------------- host profile
+
+
+def host_profile(reps: int, device: str = "cuda") -> None:
+    """Stage 2 (run in a subprocess): where a coorkern forward + backward spends its time.
+
+    The first H200 run found both ops host-bound at the detector's sizes (central loss
+    0.7-1.1 ms per fwd+bwd whatever the size, attention backward 1.4 ms at 8 x 32 x 832):
+    this prints, per op, the wall time against the GPU kernel time of a step, the Python
+    functions that take the host time (cProfile, by own time) and the kernels
+    (torch.profiler), so the next GPU session can see what to cut.
+    """
+    import cProfile
+    import pstats
+
+    import torch
+
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
+    import _common
+    import attention as attention_bench
+
+    import coorkern
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 19, 512, 416, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
+    landmarks = (torch.rand(2, 19, 2, generator=gen) * 400).to(device)
+    q, k, v, coords = attention_bench.make_inputs(4, 32, 3328, torch.bfloat16, "qk", device)
+
+    def loss_step():
+        logits.grad = None
+        coorkern.central_loss_from_landmarks(logits, landmarks, sigma=3.0).backward()
+
+    def attention_step():
+        torch.autograd.grad(coorkern.coor_attention(q, k, v, coords, sample="qk").sum(), (q, k, v, coords))
+
+    for name, step in (("central loss from landmarks, 2x19x512x416 bf16", loss_step),
+                       ("coor_attention qk, B=2 4x32x3328 bf16", attention_step)):
+        wall, _ = _common.measure(step, device, reps=reps)
+        kernel_ms = _common.gpu_kernel_ms(step, device)
+        print(f"\n--- {name}: wall {wall * 1e3:.3f} ms per fwd+bwd, GPU kernels {kernel_ms:.3f} ms")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(reps):
+            step()
+        _common.sync(device)
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(20)
+        if device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                _common.sync(device)
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20))
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -284,7 +346,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-min", type=float, default=20.0, help="time box for everything (minutes)")
     parser.add_argument("--json", default=os.path.join(HERE, "gpu_check.json"), help="where to write the results")
     parser.add_argument("--no-results-md", action="store_true", help="do not rewrite the GPU section of RESULTS.md")
-    parser.add_argument("--stage", choices=["train-step"], help=argparse.SUPPRESS)  # subprocess entry
+    parser.add_argument("--stage", choices=["train-step", "host-profile"], help=argparse.SUPPRESS)  # subprocess entry
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # train-step dry runs only
     parser.add_argument("--size", type=int, nargs=2, default=(512, 416), help=argparse.SUPPRESS)
     parser.add_argument("--base", type=int, default=64, help=argparse.SUPPRESS)
@@ -292,6 +354,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.stage == "train-step":
         train_step_benchmark(args.reps, args.device, tuple(args.size), args.base)
+        return 0
+    if args.stage == "host-profile":
+        host_profile(args.reps, args.device)
         return 0
 
     import torch
@@ -327,6 +392,7 @@ def main(argv=None) -> int:
     reps = str(args.reps)
     stages = [
         ("cuda tests", [py, "-m", "pytest", *tests, *pytest_flags], env),
+        ("host profile", [py, "bench/gpu_check.py", "--stage", "host-profile", "--reps", reps], base_env),
         ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,
                                     "--dtypes", "fp32", "bf16", "--reps", reps], base_env),
         ("attention benchmark", [py, "bench/attention.py", "--sizes", *ATTENTION_SIZES, "--dtypes", "fp32", "bf16",
@@ -348,9 +414,8 @@ def main(argv=None) -> int:
         if name == "cuda tests":
             summary = [line for line in stage["output"].splitlines() if re.search(r"\d+ (passed|failed|skipped)", line)]
             stage["summary"] = summary[-1].strip("= ") if summary else ""
-        elif tables:
-            key = {"central loss benchmark": "central_loss_tables", "attention benchmark": "attention_tables",
-                   "training-step benchmark": "train_step_tables"}[name]
+        elif tables and name in TABLE_KEYS:
+            key = TABLE_KEYS[name]
             results[key] = tables[-1:]
         results["stages"].append(stage)
 
