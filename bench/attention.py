@@ -12,8 +12,10 @@ sample them (Nq = N in both modes).  Columns:
 * eager          -- F.grid_sample per sampled tensor + matmul / softmax / matmul
 * grid+sdpa      -- F.grid_sample + F.scaled_dot_product_attention, in the inputs' dtype
 * torch.compile  -- torch.compile of the eager version
-* coorkern       -- coorkern.coor_attention (Triton on CUDA, the C++ op on CPU: the
-                    hand-written kernel for d <= 128)
+* coorkern       -- coorkern.coor_attention as ``auto`` runs it: on CUDA grid_sample (float32
+                    grid) + SDPA for fp32/bf16/fp16 (``cuda_attention_path``), on CPU the C++
+                    op (the hand-written kernel for d <= 128)
+* coorkern-triton -- CUDA: coorkern's Triton kernels, forced (``coorkern.backend("triton")``)
 * coorkern-aten  -- CPU only: the C++ op forced onto ATen's grid sampler + flash attention
                     (COORKERN_CPU_ATTENTION=aten; what the op did before the kernel)
 * coorkern-kernel -- CPU only: the C++ op forced onto the kernel, backward included (the
@@ -51,7 +53,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_SIZES = ["8x32x832", "4x32x3328", "2x32x13312", "2x64x13312", "1x64x16384"]
 CPU_SIZES = ["8x8x832", "4x8x3328", "8x16x832", "4x16x3328", "8x32x832", "4x32x3328", "2x64x3328"]
 CPU_IMPLS = ["grid+sdpa", "coorkern-aten", "coorkern-kernel", "coorkern"]
-GPU_IMPLS = ["eager", "grid+sdpa", "torch.compile", "coorkern"]
+GPU_IMPLS = ["eager", "grid+sdpa", "torch.compile", "coorkern", "coorkern-triton"]
 BATCH = 2
 
 
@@ -96,6 +98,11 @@ def grid_sdpa(q, k, v, coords, sample):
 
 def fused(q, k, v, coords, sample):
     return coorkern.coor_attention(q, k, v, coords, sample=sample)
+
+
+def fused_triton(q, k, v, coords, sample):
+    with coorkern.backend("triton"):
+        return coorkern.coor_attention(q, k, v, coords, sample=sample)
 
 
 @contextlib.contextmanager
@@ -227,7 +234,8 @@ def main() -> None:
     dtypes = args.dtypes or (["fp32", "bf16"] if on_gpu else ["fp32"])
     reps = args.reps or (20 if on_gpu else 3)
     stat = args.stat or ("median" if on_gpu else "min")
-    note = ("Triton kernels" if on_gpu else
+    note = ("coorkern = auto (grid_sample + SDPA for fp32/bf16/fp16), coorkern-triton = the Triton kernels"
+            if on_gpu else
             "CPU: coorkern = the C++ op (hand-written kernel: forward d <= 128, backward d <= 8), coorkern-aten / "
             "coorkern-kernel = the same op forced onto ATen / the kernel; fp32 only by default")
     print(f"device: {_common.device_name(device)} ({note})")
@@ -237,7 +245,8 @@ def main() -> None:
     if args.no_compile and "torch.compile" in names:
         names = [n for n in names if n != "torch.compile"]
     factories = {"eager": lambda: eager, "grid+sdpa": lambda: grid_sdpa, "torch.compile": lambda: torch.compile(eager),
-                 "coorkern": lambda: fused, "coorkern-aten": lambda: fused, "coorkern-kernel": lambda: fused}
+                 "coorkern": lambda: fused, "coorkern-triton": lambda: fused_triton, "coorkern-aten": lambda: fused,
+                 "coorkern-kernel": lambda: fused}
     impls = {name: factories[name]() for name in names}
 
     header = ["heads x d x N", "dtype", "sample", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",

@@ -8,7 +8,8 @@ Each op has three implementations:
 * ``reference`` -- eager PyTorch (``coorkern.reference``), the test oracle.
 
 ``auto`` (the default) picks ``triton`` on CUDA and ``cpp`` on CPU, and falls back
-to ``reference`` on CPU when the C++ extension did not build.  The choice is forced
+to ``reference`` on CPU when the C++ extension did not build.  (``coor_attention`` refines
+``auto`` on CUDA: ``coorkern.ops.coor_attention.cuda_attention_path``.)  The choice is forced
 by ``COORKERN_BACKEND`` or, with priority, by ``with coorkern.backend(name):``.  A
 forced choice that cannot run on the given device raises
 :class:`BackendUnavailableError` instead of silently running something else.

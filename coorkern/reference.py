@@ -100,11 +100,34 @@ def coor_attention(
     Returns ``softmax(Qs Ks^T * scale) Vs`` of shape ``(B, heads, Nq, d)`` in ``q``'s dtype;
     half inputs are computed in float32, float64 with SDPA's math backend.
     """
+    return grid_sample_sdpa(q, k, v, coords, sample=sample, scale=scale, align_corners=align_corners)
+
+
+def grid_sample_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coords: torch.Tensor,
+    *,
+    sample: str = "qk",
+    scale: Optional[float] = None,
+    align_corners: bool = True,
+    attention_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """:func:`coor_attention` as ATen's ``grid_sample`` + SDPA, the attention in ``attention_dtype``.
+
+    Sampling always runs in float32 (float64 for float64 inputs): ``grid_sample`` takes the
+    grid in the map's dtype, and a bf16 grid would move the sampling points by up to half a
+    pixel on a 128-wide map.  ``attention_dtype`` (default: that same compute dtype, the
+    oracle) is the dtype the sampled tokens are cast to for SDPA -- the inputs' half dtype
+    lets SDPA take its flash kernel, which ``auto`` does on CUDA (``coorkern.ops.coor_attention``).
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if sample not in ("qk", "kv"):
         raise ValueError(f"sample must be one of ('qk', 'kv'), got {sample!r}")
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    attention_dtype = attention_dtype or compute
     batch, heads = q.shape[0], q.shape[1]
     grid = coords.to(compute)
     if grid.dim() == 3:  # shared by the heads
@@ -116,13 +139,13 @@ def coor_attention(
         x = fmap.to(compute).permute(0, 1, 4, 2, 3).reshape(b * h, d, hh, ww)
         s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
         # (B, heads, N, d); contiguous so that SDPA can take its fused (O(N) memory) kernels
-        return s.reshape(b, h, d, -1).transpose(-1, -2).contiguous()
+        return s.reshape(b, h, d, -1).transpose(-1, -2).to(attention_dtype).contiguous()
 
     if sample == "qk":
-        qs, ks, vs = sampled(q), sampled(k), v.to(compute)
+        qs, ks, vs = sampled(q), sampled(k), v.to(attention_dtype)
     else:
-        qs, ks, vs = q.to(compute), sampled(k), sampled(v)
-    if compute == torch.float64:
+        qs, ks, vs = q.to(attention_dtype), sampled(k), sampled(v)
+    if attention_dtype == torch.float64:
         with sdpa_kernel(SDPBackend.MATH):
             out = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
     else:

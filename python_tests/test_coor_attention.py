@@ -310,6 +310,58 @@ def test_env_var_selects_triton(monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_auto_rule(monkeypatch, dtype):
+    """What ``auto`` runs on CUDA (cuda_attention_path): the H200 measurement's choice, and
+    the two cases the grid_sample + SDPA composition cannot serve."""
+    monkeypatch.delenv(ca.CUDA_ATTENTION_ENV, raising=False)
+    assert ca.cuda_attention_path(dtype) == "aten"
+    assert ca.cuda_attention_path(torch.float64) == "triton"  # SDPA's math kernel is N x N
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert ca.cuda_attention_path(dtype) == "triton"  # grid_sample's CUDA backward has atomics
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for forced in ("triton", "aten", " Triton "):
+        monkeypatch.setenv(ca.CUDA_ATTENTION_ENV, forced)
+        assert ca.cuda_attention_path(torch.float64) == forced.strip().lower()
+    monkeypatch.setenv(ca.CUDA_ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match="COORKERN_CUDA_ATTENTION.*'flash'"):
+        ca.cuda_attention_path(dtype)
+
+
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_grid_sample_sdpa_in_half_precision(sample, monkeypatch):
+    """The composition ``auto`` runs on CUDA: sampling in float32, attention in bf16, against
+    the float64 oracle on the same rounded inputs; with its default dtype it is the oracle."""
+    q, k, v, coords = make_inputs(sample, n=33, nq=21, d=16, hw=(6, 7), dtype=torch.bfloat16, per_head=True)
+    coords = coords.float()
+
+    def composition(*inputs, **kw):
+        return reference.grid_sample_sdpa(*inputs, attention_dtype=torch.bfloat16, **kw)
+
+    grid_dtypes, sdpa_dtypes = [], []
+    grid_sample, sdpa = reference.F.grid_sample, reference.F.scaled_dot_product_attention
+    monkeypatch.setattr(reference.F, "grid_sample", lambda x, grid, **kw: grid_dtypes.append(grid.dtype)
+                        or grid_sample(x, grid, **kw))
+    monkeypatch.setattr(reference.F, "scaled_dot_product_attention", lambda *t, **kw: sdpa_dtypes.append(
+        {x.dtype for x in t}) or sdpa(*t, **kw))
+    inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v, coords)]
+    out = composition(*inputs, sample=sample)
+    # A bf16 grid would move the sampling points (by half a pixel on a 128-wide map).
+    assert grid_dtypes == [torch.float32, torch.float32] and sdpa_dtypes == [{torch.bfloat16}]
+    monkeypatch.undo()
+    go = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, inputs, go)
+    ref_out, ref_grads, _ = run("oracle", *(t.double() for t in (q, k, v, coords)), grad_out=go.double(),
+                                sample=sample)
+    assert_close_to_oracle(out, grads, ref_out, ref_grads, (q, k, v, coords), 3e-2)
+    exact = [t.double() for t in (q, k, v, coords)]
+    torch.testing.assert_close(reference.grid_sample_sdpa(*exact, sample=sample),
+                               reference.coor_attention(*exact, sample=sample), rtol=0, atol=0)
+
+
 def test_schemas_match_csrc():
     with open(os.path.join(ROOT, "csrc", "coor_attention.cpp")) as f:
         text = re.sub(r'"\s*\n\s*"', "", f.read())  # join adjacent C++ string literals

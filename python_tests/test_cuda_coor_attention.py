@@ -290,6 +290,29 @@ def test_tensors_on_another_device(cuda_device):
 
 
 # ---------------------------------------------------------------------------
+# What `auto` runs on CUDA (cuda_attention_path)
+
+
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_auto_runs_grid_sample_sdpa_except_fp64_and_deterministic(cuda_device, sample, monkeypatch):
+    monkeypatch.delenv(ca.CUDA_ATTENTION_ENV, raising=False)
+    calls = []
+    op = ca._op
+    monkeypatch.setattr(ca, "_op", lambda *args: calls.append(args[0].dtype) or op(*args))
+    q, k, v, coords = make_inputs(cuda_device, sample, n=300, d=64, dtype=torch.bfloat16)
+    out = coorkern.coor_attention(q, k, v, coords, sample=sample)
+    assert not calls  # no Triton kernel: the composition
+    expected = reference.grid_sample_sdpa(q, k, v, coords, sample=sample, attention_dtype=torch.bfloat16)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    check(q, k, v, coords, TOL[torch.bfloat16], sample=sample)  # the kernels, forced, still right
+    for dtype, det in ((torch.float64, False), (torch.float32, True)):
+        with deterministic(det):
+            inputs = [t.requires_grad_(True) for t in make_inputs(cuda_device, sample, n=40, d=16, dtype=dtype)]
+            torch.autograd.grad(coorkern.coor_attention(*inputs, sample=sample).sum(), inputs)
+        assert calls[-1] == dtype, (dtype, det)
+
+
+# ---------------------------------------------------------------------------
 # torch.library, torch.compile
 
 

@@ -38,6 +38,12 @@ fp32 partials on the deterministic path); never N x N.  The grid is 1-D (no 6553
 B heads); launch configs come from ``_attention_launch`` (autotuned on CUDA), the
 kernels' ahead-of-time declarations (``aot_spec``, ``aot_variants``) from ``_attention_aot``.
 
+Which implementation ``auto`` runs on CUDA is :func:`cuda_attention_path`'s rule: on the
+first GPU that ran them (an H200, ``bench/RESULTS.md``) these kernels lost to ATen's
+``grid_sample`` + SDPA (flash) at every size and dtype measured, so ``auto`` takes that
+composition and keeps the kernels for what it cannot do (float64, deterministic mode);
+``coorkern.backend("triton")`` or ``COORKERN_CUDA_ATTENTION=triton`` runs them anyway.
+
 Numerics: fp32 accumulation everywhere; exp2 with the scale folded into log2 e in fp32;
 float64 (the interpreter's gradcheck) uses exp/log and a two-float scale so that results
 match the float64 oracle to ~1e-15.
@@ -50,6 +56,7 @@ flash attention otherwise); ``torch.ops.coorkern.coor_attention`` returns ``(out
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Optional
 
@@ -876,6 +883,37 @@ def _validate(q, k, v, coords, sample, scale, align_corners):
     return sample, scale, align_corners
 
 
+CUDA_ATTENTION_ENV = "COORKERN_CUDA_ATTENTION"
+CUDA_ATTENTION_PATHS = ("aten", "triton")
+
+
+def cuda_attention_path(dtype: torch.dtype) -> str:
+    """What ``auto`` runs for CUDA tensors of ``dtype``: ``"aten"`` or ``"triton"``.
+
+    ``"aten"`` is ``grid_sample`` (in float32) + ``F.scaled_dot_product_attention`` in the
+    inputs' dtype (flash / memory-efficient kernels, O(N d) memory).  Measured on an H200
+    (torch 2.11, triton 3.6; ``bench/RESULTS.md``), forward + backward, B = 2, heads x d x N
+    from 8 x 32 x 832 to 1 x 128 x 16384: these Triton kernels ran at 0.39-0.79x the speed
+    of grid_sample + SDPA in bf16 and 0.09-0.44x in fp32 (that benchmark sampled with a
+    bf16 grid; here the grid stays float32).  So ``auto`` takes the composition, except for
+
+    * float64: SDPA has only its math kernel there, which materializes N x N scores;
+    * ``torch.use_deterministic_algorithms(True)``: ``grid_sample``'s CUDA backward has no
+      deterministic implementation (torch refuses it); the kernels' deterministic path runs.
+
+    ``COORKERN_CUDA_ATTENTION=aten|triton`` forces one (ignored by an explicit
+    ``coorkern.backend(...)``, which always wins).
+    """
+    forced = os.environ.get(CUDA_ATTENTION_ENV, "").strip().lower()
+    if forced:
+        if forced not in CUDA_ATTENTION_PATHS:
+            raise ValueError(f"{CUDA_ATTENTION_ENV} must be one of {CUDA_ATTENTION_PATHS}, got {forced!r}")
+        return forced
+    if dtype == torch.float64 or torch.are_deterministic_algorithms_enabled():
+        return "triton"
+    return "aten"
+
+
 def coor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor, *, sample: str = "qk",
                    scale: Optional[float] = None, align_corners: bool = True) -> torch.Tensor:
     """Coordinate-indexed attention ``softmax(Qs Ks^T * scale) Vs`` -> ``(B, heads, Nq, d)``.
@@ -892,8 +930,9 @@ def coor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: to
         align_corners: as in ``F.grid_sample``.
 
     q, k, v share a floating dtype (fp32/fp16/bf16/fp64; fp32 accumulation); coords may
-    have any floating dtype.  Gradients flow to all four tensors.  On CUDA, fp32 products
-    use TF32 tensor cores when torch's fp32 matmul precision allows it
+    have any floating dtype.  Gradients flow to all four tensors.  On CUDA, ``auto`` runs
+    ATen's grid_sample + SDPA except in float64 and deterministic mode (:func:`cuda_attention_path`).
+    In the Triton kernels, fp32 products use TF32 tensor cores when torch's fp32 matmul precision allows it
     (``torch.backends.cuda.matmul.fp32_precision``, else ``torch.get_float32_matmul_precision()``
     is not "highest"), as torch's own matmuls, and exact fp32 FMA otherwise.  NaN
     coordinates give NaN, as ``grid_sample``.  Setting ``torch.use_deterministic_algorithms(True)`` makes
@@ -904,6 +943,10 @@ def coor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: to
     impl = _backend.resolve(device, "coor_attention")
     if impl == "reference":
         return reference.coor_attention(q, k, v, coords, sample=sample, scale=scale, align_corners=align_corners)
+    if impl == "triton" and device.type == "cuda" and _backend.requested_backend() == "auto" \
+            and cuda_attention_path(q.dtype) == "aten":
+        return reference.grid_sample_sdpa(q, k, v, coords, sample=sample, scale=scale, align_corners=align_corners,
+                                          attention_dtype=q.dtype)
     if impl == "triton" and device.type == "cpu":
         return _TritonOnCPU.apply(q, k, v, coords, sample, scale, align_corners)[0]
     return _op(q, k, v, coords, sample, scale, align_corners)[0]
