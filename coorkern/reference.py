@@ -103,17 +103,9 @@ def coor_attention(
     return grid_sample_sdpa(q, k, v, coords, sample=sample, scale=scale, align_corners=align_corners)
 
 
-def grid_sample_sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    coords: torch.Tensor,
-    *,
-    sample: str = "qk",
-    scale: Optional[float] = None,
-    align_corners: bool = True,
-    attention_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
+def grid_sample_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor, *, sample: str = "qk",
+                     scale: Optional[float] = None, align_corners: bool = True,
+                     attention_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """:func:`coor_attention` as ATen's ``grid_sample`` + SDPA, the attention in ``attention_dtype``.
 
     Sampling always runs in float32 (float64 for float64 inputs): ``grid_sample`` takes the

@@ -127,28 +127,13 @@ namespace {
 at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename S>
-MapArg<S> map_arg(const at::Tensor& t) {
-  MapArg<S> m;
-  m.p = t.const_data_ptr<S>();
-  m.sb = t.stride(0);
-  m.sh = t.stride(1);
-  m.sy = t.stride(2);
-  m.sx = t.stride(3);
-  m.sd = t.stride(4);
-  m.height = t.size(2);
-  m.width = t.size(3);
-  return m;
+MapArg<S> map_arg(const at::Tensor& t) {  // (B, heads, H, W, d)
+  return {t.const_data_ptr<S>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4), t.size(2), t.size(3)};
 }
 
 template <typename S>
-TokArg<S> tok_arg(const at::Tensor& t) {
-  TokArg<S> a;
-  a.p = t.const_data_ptr<S>();
-  a.sb = t.stride(0);
-  a.sh = t.stride(1);
-  a.sn = t.stride(2);
-  a.sd = t.stride(3);
-  return a;
+TokArg<S> tok_arg(const at::Tensor& t) {  // (B, heads, N, d)
+  return {t.const_data_ptr<S>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 template <typename S>

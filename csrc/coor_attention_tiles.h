@@ -347,21 +347,34 @@ void forward_task(const Problem<S, T>& P, int64_t b, int64_t h, int64_t q0, S* o
 
 // ---- backward, query side: delta and dQ --------------------------------------------
 
+// What the two backward passes share for one block of lane groups (kGroups<T> x lanes
+// tokens from `first` of `total`): groups in the block, the (batch, head) row, and
+// scratch -- `tiles` d x L tiles per group, then five shared buffers (two operand
+// blocks of kRows x d, the two score blocks, one row) at `shared`.
+template <typename T>
+struct BlockScratch {
+  int64_t groups, bh;
+  Scratch<T> ws;
+  T* shared[5];
+  BlockScratch(int64_t d, int64_t heads, int64_t b, int64_t h, int64_t total, int64_t first, int64_t tiles)
+      : groups(std::min(kGroups<T>, (total - first + kLanes<T> - 1) / kLanes<T>)),
+        bh(b * heads + h),
+        ws(tiles * kGroups<T> + 5, std::max(d * kLanes<T>, kRows * std::max<int64_t>(d, kLanes<T>))) {
+    for (int64_t i = 0; i < 5; ++i) shared[i] = ws[tiles * kGroups<T> + i];
+  }
+};
+
 template <typename S, typename T, int D>
 void dq_task(const Problem<S, T>& P, const BackwardArgs<S, T>& A, int64_t b, int64_t h, int64_t q0) {
   using vec = typename Lanes<T>::vec;
   constexpr int W = Lanes<T>::W;
   constexpr int64_t L = kLanes<T>;
-  const int64_t d = D > 0 ? D : P.d;
-  const int64_t groups = std::min(kGroups<T>, (P.nq - q0 + L - 1) / L);
-  const int64_t bh = b * P.heads + h;
   // per group: Qt, dOt, dQt (d x L), lse, delta lanes; shared: K, V, S^T, dP^T, row scratch
-  Scratch<T> ws(3 * kGroups<T> + 5, std::max(d * L, kRows * std::max<int64_t>(d, L)));
-  T* kb = ws[3 * kGroups<T>];
-  T* vb = ws[3 * kGroups<T> + 1];
-  T* st = ws[3 * kGroups<T> + 2];
-  T* dpt = ws[3 * kGroups<T> + 3];
-  T* row = ws[3 * kGroups<T> + 4];
+  const int64_t d = D > 0 ? D : P.d;  // a compile-time constant for the specialized widths
+  BlockScratch<T> blk(d, P.heads, b, h, P.nq, q0, 3);
+  const int64_t groups = blk.groups, bh = blk.bh;
+  Scratch<T>& ws = blk.ws;
+  T *kb = blk.shared[0], *vb = blk.shared[1], *st = blk.shared[2], *dpt = blk.shared[3], *row = blk.shared[4];
   T lanes_lse[kGroups<T>][L], lanes_delta[kGroups<T>][L];
   const T qmul = P.scale * Units<T>::kPerNat;
   for (int64_t g = 0; g < groups; ++g) {
@@ -422,16 +435,12 @@ void dkv_task(const Problem<S, T>& P, const BackwardArgs<S, T>& A, int64_t b, in
   using vec = typename Lanes<T>::vec;
   constexpr int W = Lanes<T>::W;
   constexpr int64_t L = kLanes<T>;
-  const int64_t d = D > 0 ? D : P.d;
-  const int64_t groups = std::min(kGroups<T>, (P.nk - k0 + L - 1) / L);
-  const int64_t bh = b * P.heads + h;
   // per group: Kt, Vt, dKt, dVt (d x L); shared: Q, dO (kRows x d), S, dP (kRows x L), row
-  Scratch<T> ws(4 * kGroups<T> + 5, std::max(d * L, kRows * std::max<int64_t>(d, L)));
-  T* qb = ws[4 * kGroups<T>];
-  T* dob = ws[4 * kGroups<T> + 1];
-  T* s = ws[4 * kGroups<T> + 2];
-  T* dp = ws[4 * kGroups<T> + 3];
-  T* row = ws[4 * kGroups<T> + 4];
+  const int64_t d = D > 0 ? D : P.d;
+  BlockScratch<T> blk(d, P.heads, b, h, P.nk, k0, 4);
+  const int64_t groups = blk.groups, bh = blk.bh;
+  Scratch<T>& ws = blk.ws;
+  T *qb = blk.shared[0], *dob = blk.shared[1], *s = blk.shared[2], *dp = blk.shared[3], *row = blk.shared[4];
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t g0 = k0 + g * L, n = std::min(L, P.nk - g0);
     for (int64_t a = 0; a < 4; ++a) std::fill(ws[a * kGroups<T> + g], ws[a * kGroups<T> + g] + d * L, T(0));

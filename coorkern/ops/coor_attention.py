@@ -315,9 +315,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_acc_ptr, delta_acc_ptr, dk_acc_ptr, dv_grad_ptr,
     heads, n_q, n_kv, d, scale_hi, scale_lo,
-    s_qb, s_qh, s_qn, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
+    s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
