@@ -122,10 +122,16 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def start_table(header: list[str]) -> None:
+    """Print a markdown table's header; the rows follow as ``add_row`` measures them, so a
+    run cut off midway (``bench/gpu_check.py``'s time box) still leaves a readable table."""
+    print(markdown_table(header, []), flush=True)
+
+
 def add_row(rows: list[list[str]], row: list[str]) -> None:
-    """Append a table row and print it at once (long benchmarks show progress as they go)."""
+    """Append a table row and print it at once as a markdown row (progress as it goes)."""
     rows.append(row)
-    print(" | ".join(row), flush=True)
+    print("| " + " | ".join(row) + " |", flush=True)
 
 
 def report_table(caption: str, header: list[str], rows: list[list[str]], markdown_path=None) -> str:

@@ -256,6 +256,7 @@ def main() -> None:
     else:
         header += ["fwd GFLOP/s", "fwd % peak"]
     rows = []
+    _common.start_table(header)
     for size in sizes:
         heads, d, n = (int(x) for x in size.split("x"))
         for dtype_name in dtypes:

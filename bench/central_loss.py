@@ -67,6 +67,7 @@ def main() -> None:
     if on_gpu:
         header += ["GB/s", "GPU kernel ms"]
     rows = []
+    _common.start_table(header)
     for shape_text in args.shapes:
         shape = tuple(int(s) for s in shape_text.split("x"))
         for dtype_name in args.dtypes:
@@ -95,8 +96,7 @@ def main() -> None:
                     if on_gpu:
                         elems = x.numel() * (3 if variant == "target" else 2)
                         row += [f"{elems * x.element_size() / sec / 1e9:.0f}", f"{kernel_ms[impl_name]:.3f}"]
-                    rows.append(row)
-                    print(" | ".join(row), flush=True)
+                    _common.add_row(rows, row)
     print()
     print(_common.markdown_table(header, rows))
 

@@ -98,6 +98,7 @@ def main() -> None:
 
     header = ["case", "transformer", "attention", "step ms (min)", "peak extra MiB", "vs none", "coor kernel vs aten"]
     rows = []
+    _common.start_table(header)
     for case in args.cases:
         times = {}
         for transformer in args.transformers:

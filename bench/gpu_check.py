@@ -1,26 +1,29 @@
 """GPU truth in one command: CUDA tests, benchmarks and the detector's training step.
 
-    python bench/gpu_check.py [--budget-min 20] [--json bench/gpu_check.json] [--no-results-md]
+    python bench/gpu_check.py [--budget-min 11] [--json bench/gpu_check.json] [--no-results-md]
 
-On a CUDA machine, within a time box (20 minutes by default), in this order:
+On a CUDA machine, within a time box (11 minutes by default: a lent GPU has 15 in all), in
+this order:
 
 1. prints the device, torch / triton / CUDA versions and the measured copy bandwidth;
 2. runs the CUDA tests (``COORKERN_TEST_DEVICE=cuda pytest python_tests/test_cuda_*.py``,
    real Triton compiler, no interpreter; one line per test, 120 s per test at most);
-   then a host profile of one forward + backward of each op (wall vs GPU kernel time,
-   cProfile, torch.profiler) -- the first H200 run found both host-bound;
-3. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
-   64M-element case, fp32 and bf16 (GB/s against the minimum bytes);
-4. ``bench/attention.py`` at the detector's sizes and at N = 13312 / 16384 with
-   d = 32 / 64 / 128, fp32 and bf16 (TFLOP/s, next to grid_sample + SDPA and eager);
-5. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast): step
-   time and peak memory with coorkern's kernels, with the eager reference ops
-   (``coorkern.backend("reference")``) and with ``torch.compile``;
+3. a host profile of one forward + backward of each op (wall vs GPU kernel time, cProfile,
+   torch.profiler) -- the first H200 run found both host-bound;
+4. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast): step
+   time and peak memory with coorkern (auto), with coorkern's Triton kernels forced, with
+   the eager reference ops (``coorkern.backend("reference")``) and with ``torch.compile``;
+5. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
+   64M-element case, fp32 and bf16 (GB/s against the minimum bytes, GPU kernel time);
+6. ``bench/attention.py`` at N = 16384 / 13312 with d = 32 / 64 / 128 and the detector's
+   sizes, bf16 then fp32 (TFLOP/s, next to grid_sample + SDPA and eager; coorkern as
+   ``auto`` runs it and its Triton kernels forced);
 
 then checks the issue's targets on what it measured, writes everything to a JSON file and
 replaces the GPU section of ``bench/RESULTS.md`` (between ``<!-- gpu_check -->`` markers),
 naming the device.  Every stage runs in a subprocess with its share of the remaining time;
-a stage cut off by the time box prints "stopped at <stage>" and the report says so.
+a stage cut off by the time box prints "stopped at <stage>" and the report says so (the
+benchmarks print their tables row by row, so the rows measured before the cut are kept).
 
 On a machine without CUDA it prints that nothing ran and exits with status 2.
 """
@@ -47,11 +50,17 @@ RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 MARK_START, MARK_END = "<!-- gpu_check:start -->", "<!-- gpu_check:end -->"
 
 CENTRAL_LOSS_SHAPES = ["2x19x512x416", "8x19x512x416", "64x1x1024x1024"]  # the last: 64M elements
-ATTENTION_SIZES = ["8x32x832", "4x32x3328", "2x32x13312", "2x64x13312", "2x128x13312",
-                   "1x32x16384", "1x64x16384", "1x128x16384"]
-# Stage time caps in seconds (each also bounded by what is left of the budget).
-STAGE_CAPS = {"cuda tests": 420, "host profile": 60, "central loss benchmark": 180, "attention benchmark": 420,
-              "training-step benchmark": 240}
+# Most telling first (the targets' size, then the detector's): a stage cut off by the time
+# box keeps the rows it printed.
+ATTENTION_SIZES = ["1x64x16384", "4x32x3328", "8x32x832", "2x64x13312", "1x128x16384", "2x32x13312",
+                   "2x128x13312", "1x32x16384"]
+# Stage time caps in seconds at the default time box (each also bounded by what is left;
+# a shorter box scales them all).  A lent GPU has 15 minutes in all, the machine's start
+# included: the default box is 11 minutes.  The first H200 run took ~300 s for the CUDA
+# tests, ~160 s for both benchmarks at 5 repetitions and 67 s for the training step.
+DEFAULT_BUDGET_MIN = 11.0
+STAGE_CAPS = {"cuda tests": 240, "host profile": 45, "training-step benchmark": 90, "central loss benchmark": 60,
+              "attention benchmark": 180}
 TABLE_KEYS = {"central loss benchmark": "central_loss_tables", "attention benchmark": "attention_tables",
               "training-step benchmark": "train_step_tables"}
 TARGETS = {
@@ -350,14 +359,15 @@ def stage_env() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-min", type=float, default=20.0, help="time box for everything (minutes)")
+    parser.add_argument("--budget-min", type=float, default=DEFAULT_BUDGET_MIN,
+                        help="time box for everything (minutes)")
     parser.add_argument("--json", default=os.path.join(HERE, "gpu_check.json"), help="where to write the results")
     parser.add_argument("--no-results-md", action="store_true", help="do not rewrite the GPU section of RESULTS.md")
     parser.add_argument("--stage", choices=["train-step", "host-profile"], help=argparse.SUPPRESS)  # subprocess entry
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # train-step dry runs only
     parser.add_argument("--size", type=int, nargs=2, default=(512, 416), help=argparse.SUPPRESS)
     parser.add_argument("--base", type=int, default=64, help=argparse.SUPPRESS)
-    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per benchmark case")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per benchmark case")
     args = parser.parse_args(argv)
     if args.stage == "train-step":
         train_step_benchmark(args.reps, args.device, tuple(args.size), args.base)
@@ -400,11 +410,11 @@ def main(argv=None) -> int:
     stages = [
         ("cuda tests", [py, "-m", "pytest", *tests, *pytest_flags], env),
         ("host profile", [py, "bench/gpu_check.py", "--stage", "host-profile", "--reps", reps], base_env),
+        ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], base_env),
         ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,
                                     "--dtypes", "fp32", "bf16", "--reps", reps], base_env),
-        ("attention benchmark", [py, "bench/attention.py", "--sizes", *ATTENTION_SIZES, "--dtypes", "fp32", "bf16",
+        ("attention benchmark", [py, "bench/attention.py", "--sizes", *ATTENTION_SIZES, "--dtypes", "bf16", "fp32",
                                  "--reps", reps], base_env),
-        ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], base_env),
     ]
     for name, cmd, stage_env in stages:
         left = budget - (time.monotonic() - start)
@@ -413,7 +423,7 @@ def main(argv=None) -> int:
             print(f"\nstopped at {name}: the {args.budget_min:g}-minute time box is used up")
             break
         # A shorter time box shrinks every stage's cap alike, so the later stages still run.
-        cap = STAGE_CAPS[name] * min(1.0, budget / (20 * 60))
+        cap = STAGE_CAPS[name] * min(1.0, budget / (DEFAULT_BUDGET_MIN * 60))
         stage = run_stage(name, cmd, min(cap, left), stage_env)
         if stage["status"] == "stopped" and results["stopped_at"] is None:
             results["stopped_at"] = f"{name} (cut off after {stage['seconds']:.0f} s)"

@@ -44,6 +44,17 @@ def test_stage_runner_streams_output_and_stops_at_the_time_box(gpu_check, capsys
     assert "stopped at slow" in capsys.readouterr().out
 
 
+def test_a_benchmark_stopped_midway_keeps_its_rows(gpu_check):
+    """The benchmarks print the header first and each row as measured (_common.start_table /
+    add_row): the rows before a cut-off (or a crash) make a table the report still picks up."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import _common; rows = []; "
+            "_common.start_table(['impl', 'ms']); _common.add_row(rows, ['coorkern', '1.5']); raise SystemExit(3)")
+    stage = gpu_check.run_stage("cut", [sys.executable, "-c", code], 120)
+    assert stage["status"] == "failed (exit 3)"
+    tables = gpu_check.markdown_tables(stage["output"])
+    assert [gpu_check.table_rows(t) for t in tables] == [[{"impl": "coorkern", "ms": "1.5"}]]
+
+
 def test_stages_import_coorkern_from_the_checkout_without_the_interpreter(gpu_check, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
