@@ -331,6 +331,21 @@ def test_cuda_auto_rule(monkeypatch, dtype):
         ca.cuda_attention_path(dtype)
 
 
+def test_cuda_auto_rule_traces_without_graph_breaks():
+    """torch.compile(fullgraph=True) of the CUDA auto path's Python: the rule (environment,
+    deterministic flag) and the composition trace into one graph (dynamo only, on CPU)."""
+    torch._dynamo.reset()
+    q, k, v, coords = make_inputs("qk", dtype=torch.float32)
+
+    def auto_path(q, k, v, coords):
+        if ca.cuda_attention_path(q.dtype) == "aten":
+            return reference.grid_sample_sdpa(q, k, v, coords, attention_dtype=q.dtype)
+        return q.sum()
+
+    out = torch.compile(auto_path, fullgraph=True, backend="eager")(q, k, v, coords)
+    torch.testing.assert_close(out, reference.coor_attention(q, k, v, coords), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sample", ["qk", "kv"])
 def test_grid_sample_sdpa_in_half_precision(sample, monkeypatch):
     """The composition ``auto`` runs on CUDA: sampling in float32, attention in bf16, against
