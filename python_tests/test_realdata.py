@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from coorkern import data
+from coorkern import data, predict, train
 
 REALDATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "realdata"
 ISBI = REALDATA / "isbi2015"
@@ -129,3 +129,36 @@ def test_hand_published_cross_validation_folds():
         listed = (HAND / "setup" / "cv" / f"set{fold}" / "test.txt").read_text().split()
         assert {r.id for r in test.records} == {i for i in listed if (HAND / "images" / f"{i}.mha").is_file()}
         assert not {r.id for r in train.records} & {r.id for r in test.records}
+
+
+def test_real_radiographs_through_training_and_prediction(tmp_path):
+    """The detector end to end on real files: one epoch on 4 ISBI cephalograms (CSV of the
+    loader's mean-of-both-doctors landmarks), then ``predict`` on a held-out JPEG and a hand
+    MetaImage, each mapped back to its own full-size pixels (and to mm where the file has a spacing)."""
+    ids = ["001", "002", "003", "004", "005"]
+    records = data.load_dataset("isbi2015", ISBI, "train", image_size=SIZE, ids=ids).records
+    lines = ["image," + ",".join(f"x{j},y{j}" for j in range(19)) + ",spacing_x,spacing_y,split"]
+    for i, rec in enumerate(records):
+        coords = ",".join(f"{v:.2f}" for v in np.asarray(rec.landmarks, dtype=float).reshape(-1))
+        lines.append(f"{rec.image_path},{coords},0.1,0.1,{'train' if i < 4 else 'test'}")
+    (tmp_path / "isbi.csv").write_text("\n".join(lines) + "\n")
+    run = train.main(["--data", "csv", "--root", str(tmp_path / "isbi.csv"), "--image-size", "64", "52",
+                      "--batch-size", "2", "--epochs", "1", "--base-channels", "4", "--transformer", "coor",
+                      "--no-progress", "--threads", "1", "--overlays", "0", "--out", str(tmp_path / "run")])
+    assert np.isfinite(run["history"][-1]["train_loss"])
+    hand_image = sorted((HAND / "images").glob("*.mha"))[0]
+    entries = predict.main(["--checkpoint", str(tmp_path / "run"), str(records[4].image_path), str(hand_image),
+                            "--out", str(tmp_path / "pred"), "--no-overlay", "--no-progress"])
+    assert [Path(e["image"]).name for e in entries] == ["005.jpg", hand_image.name]
+    for entry, size in zip(entries, [(2400, 1935), data.image_size_of(hand_image)]):
+        assert entry["image_size"] == list(size)
+        coords = torch.tensor(entry["landmarks_px"])
+        assert coords.shape == (19, 2) and torch.isfinite(coords).all()
+        assert (coords >= -0.5).all() and (coords[:, 0] <= size[1] - 0.5).all() and (coords[:, 1] <= size[0] - 0.5).all()
+    # A JPEG has no spacing and the model was trained from a CSV (not "isbi2015"): pixels only;
+    # the MetaImage's header gives its spacing.
+    assert "landmarks_mm" not in entries[0]
+    assert entries[1]["spacing_source"] == "image header" and entries[1]["spacing_mm"][0] > 0
+    mm = torch.tensor(entries[1]["landmarks_mm"])
+    torch.testing.assert_close(mm, torch.tensor(entries[1]["landmarks_px"]) * torch.tensor(entries[1]["spacing_mm"]),
+                               atol=1e-3, rtol=0)

@@ -44,6 +44,7 @@ ISBI_SPACING_MM = 0.1
 ISBI_THRESHOLDS = (2.0, 2.5, 3.0, 4.0)  # SDR radii, mm
 ISBI_NUM_LANDMARKS = 19
 _TRAIN, _TEST1, _TEST2 = range(1, 151), range(151, 301), range(301, 401)
+ISBI_NUM_IMAGES = 400
 ISBI_SPLITS = {
     "paper": {"train": _TRAIN, "test": range(151, 401), "test1": _TEST1, "test2": _TEST2},
     "challenge": {"train": _TRAIN, "test1": _TEST1, "test2": _TEST2},
@@ -154,6 +155,24 @@ def _choose_annotator(annotator: Optional[str], sources: dict, root: Path) -> st
     return "senior"
 
 
+def _image_numbers(ids) -> list:
+    """``ids`` as image numbers: ints, or strings of digits as the records name them ("001")."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"ids must be a sequence of image numbers, e.g. [1, 2] or ['001', '002'], got {ids!r}")
+    numbers = []
+    for i in ids:
+        if isinstance(i, str) and i.strip().isdigit():
+            number = int(i)
+        elif isinstance(i, (int, np.integer)) and not isinstance(i, bool):
+            number = int(i)
+        else:
+            raise TypeError(f"ids: expected image numbers as ints or digit strings like '001', got {i!r}")
+        if not 1 <= number <= ISBI_NUM_IMAGES:
+            raise ValueError(f"ids: ISBI 2015 image numbers run from 1 to {ISBI_NUM_IMAGES}, got {i!r}")
+        numbers.append(number)
+    return numbers
+
+
 def isbi2015_records(root, split="train", protocol="paper", annotator=None, num_landmarks=ISBI_NUM_LANDMARKS,
                      ids=None, annotations=None, strict=False):
     """Records of the ISBI 2015 data (the module docstring lists the layouts).
@@ -185,7 +204,7 @@ def isbi2015_records(root, split="train", protocol="paper", annotator=None, num_
             raise DatasetFormatError(f"{search}: annotator={annotator!r} needs the {doctor} annotations, found only "
                                      f"{sorted(sources)}; looked for {_LOOKED_FOR}")
     images = {n: p for stem, p in index_images(root).items() if (n := _image_number(stem)) is not None}
-    wanted = list(ids) if ids is not None else list(ISBI_SPLITS[protocol][split])
+    wanted = _image_numbers(ids) if ids is not None else list(ISBI_SPLITS[protocol][split])
     records, absent = [], []
     for number in wanted:
         found = [next((hit for s in sources[d] if (hit := s.lookup(number)) is not None), None) for d in doctors]
