@@ -5,9 +5,9 @@ files with those extensions) or glob patterns, of any size: each image is resize
 model's input and the landmarks mapped back to its own pixels.  Per image and landmark:
 ``x, y`` in input pixels, in mm when the pixel spacing is known (``--spacing``; for a hand
 model 50 mm between the predicted wrist landmarks, the data set's convention; else the
-file header's spacing, e.g. DICOM PixelSpacing; else 0.1 mm for a model trained on the
-ISBI 2015 images), the heatmap peak probability as confidence, and the radius within
-which the true landmark lies with the checkpoint's coverage (split-conformal, calibrated
+file header's spacing, e.g. DICOM PixelSpacing; else the spacing all the model's
+training images shared, e.g. 0.1 mm for ISBI 2015), the heatmap peak probability as
+confidence, and the radius within which the true landmark lies with the checkpoint's coverage (split-conformal, calibrated
 on the training run's validation split).  Writes ``<out>/predictions.json`` or ``.csv``
 (``--format``, also printed) and an overlay PNG per image with the radius circles.
 Unreadable inputs are reported and skipped; the exit code is then 1.
@@ -153,11 +153,13 @@ class _Predictor:
         self.given = None if args.spacing is None else (list(args.spacing) * 2)[:2]
 
     def _spacing(self, file_spacing, coords):
-        """First known wins: --spacing, a data set's measured convention (hand), the file's header, ISBI's 0.1 mm."""
+        """First known wins: --spacing, a data set's measured convention (hand), the file's header,
+        the spacing every training image shared, ISBI's 0.1 mm (checkpoints from before that)."""
         candidates = (
             (self.given, "given"),
             (_hand_spacing(self.cfg, coords), "wrist width (hand data set) of the predicted landmarks"),
             (None if file_spacing is None else [float(v) for v in file_spacing], "image header"),
+            (self.cfg.get("pixel_spacing_mm"), "the training images' spacing"),
             ([KNOWN_SPACING[self.cfg["data"]]] * 2 if self.cfg["data"] in KNOWN_SPACING else None,
              f"the {self.cfg['data']} data set's convention"),
         )

@@ -217,6 +217,15 @@ def _resolve(args, device: torch.device) -> None:
         args.augment = args.data != "synthetic"
 
 
+def _common_spacing(dataset) -> Optional[list]:
+    """The original-pixel spacing (mm) shared by every training record, else None: stored in
+    the checkpoint so that ``predict`` can give mm for inputs whose files carry no spacing
+    (e.g. the ISBI JPEGs of a model trained from a CSV).  None for data sets without records
+    (synthetic) or with per-image spacings (hand: its wrist rule)."""
+    spacings = {tuple(float(v) for v in rec.spacing) for rec in getattr(dataset, "records", None) or ()}
+    return list(spacings.pop()) if len(spacings) == 1 else None
+
+
 def _data_options(args) -> dict:
     """The dataset options of this run (everything but split, size, augmentation, sample count)."""
     options = {"seed": args.seed}
@@ -449,6 +458,7 @@ def setup_run(options: Options) -> Run:
         "image_size": list(args.image_size),
         "test_split": args.test_split,
         "data_options": _data_options(args),
+        "pixel_spacing_mm": _common_spacing(train_ds),
         "model": model_config,
         "thresholds": list(thresholds),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),

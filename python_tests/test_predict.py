@@ -65,3 +65,13 @@ def test_predicted_landmarks_are_at_the_dot_in_input_pixels_and_mm(tmp_path):
     mm = torch.tensor(entry["landmarks_mm"], dtype=torch.float64)
     torch.testing.assert_close(mm, coords.double() * torch.tensor([0.1, 0.2], dtype=torch.float64), atol=1e-3, rtol=0)
     assert entry["landmarks_mm"][0] == pytest.approx([DOT[0] * 0.1, DOT[1] * 0.2], abs=0.01)
+
+
+def test_training_spacing_is_kept_only_when_every_image_shares_it():
+    from types import SimpleNamespace as NS
+
+    same = NS(records=[NS(spacing=(0.1, 0.1)), NS(spacing=[0.1, 0.1])])
+    mixed = NS(records=[NS(spacing=(0.1, 0.1)), NS(spacing=(0.12, 0.1))])
+    assert train._common_spacing(same) == [0.1, 0.1]
+    assert train._common_spacing(mixed) is None  # e.g. the hand atlas' per-image wrist spacing
+    assert train._common_spacing(NS()) is None and train._common_spacing(NS(records=[])) is None  # synthetic

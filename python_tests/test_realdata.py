@@ -155,10 +155,11 @@ def test_real_radiographs_through_training_and_prediction(tmp_path):
         coords = torch.tensor(entry["landmarks_px"])
         assert coords.shape == (19, 2) and torch.isfinite(coords).all()
         assert (coords >= -0.5).all() and (coords[:, 0] <= size[1] - 0.5).all() and (coords[:, 1] <= size[0] - 0.5).all()
-    # A JPEG has no spacing and the model was trained from a CSV (not "isbi2015"): pixels only;
-    # the MetaImage's header gives its spacing.
-    assert "landmarks_mm" not in entries[0]
+    # A JPEG has no spacing: the training images' common 0.1 mm (from the CSV) applies; the
+    # MetaImage's header gives its own.
+    assert entries[0]["spacing_source"] == "the training images' spacing" and entries[0]["spacing_mm"] == [0.1, 0.1]
     assert entries[1]["spacing_source"] == "image header" and entries[1]["spacing_mm"][0] > 0
-    mm = torch.tensor(entries[1]["landmarks_mm"])
-    torch.testing.assert_close(mm, torch.tensor(entries[1]["landmarks_px"]) * torch.tensor(entries[1]["spacing_mm"]),
-                               atol=1e-3, rtol=0)
+    for entry in entries:
+        mm = torch.tensor(entry["landmarks_mm"])
+        torch.testing.assert_close(mm, torch.tensor(entry["landmarks_px"]) * torch.tensor(entry["spacing_mm"]),
+                                   atol=1e-3, rtol=0)
