@@ -238,8 +238,13 @@ def host_profile(reps: int, device: str = "cuda") -> None:
     def attention_step():
         torch.autograd.grad(coorkern.coor_attention(q, k, v, coords, sample="qk").sum(), (q, k, v, coords))
 
+    def attention_triton_step():
+        with coorkern.backend("triton" if device.type == "cuda" else "auto"):
+            attention_step()
+
     for name, step in (("central loss from landmarks, 2x19x512x416 bf16", loss_step),
-                       ("coor_attention qk, B=2 4x32x3328 bf16", attention_step)):
+                       ("coor_attention qk (auto), B=2 4x32x3328 bf16", attention_step),
+                       ("coor_attention qk (Triton kernels), B=2 4x32x3328 bf16", attention_triton_step)):
         wall, _ = _common.measure(step, device, reps=reps)
         kernel_ms = _common.gpu_kernel_ms(step, device)
         print(f"\n--- {name}: wall {wall * 1e3:.3f} ms per fwd+bwd, GPU kernels {kernel_ms:.3f} ms")
