@@ -315,6 +315,14 @@ def test_predict_takes_millimetres_from_the_image_header(tiny_run, tmp_path, mon
     # The radius in mm: model pixels -> this image's pixels (120/64 wide, 90/64 high) -> mm, the larger axis.
     assert record["radius_mm"] == pytest.approx(record["radius_px"] / (120 / 64) * max(120 / 64 * 0.3, 90 / 64 * 0.2),
                                                 rel=1e-3)
+    # The same scan as an extension-less DICOM file: PixelSpacing lists (row, column) = (y, x).
+    from format_fixtures import write_dicom
+
+    write_dicom(tmp_path / "scan_dicom", (blob * 1000).round().numpy(), pixel_spacing=(0.2, 0.3))
+    (dicom,) = predict.main(["--checkpoint", str(tiny_run["run_dir"]), str(tmp_path / "scan_dicom"), "--out",
+                             str(tmp_path / "out_dicom"), "--no-progress", "--no-overlay"])
+    assert dicom["spacing_source"] == "image header" and dicom["spacing_mm"] == pytest.approx([0.3, 0.2])
+    assert dicom["landmarks"][0]["x_mm"] == pytest.approx(record["x_mm"], abs=1e-3)
 
 
 def test_predict_skips_unreadable_files_and_exits_non_zero(tiny_run, tmp_path, capsys):
