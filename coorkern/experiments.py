@@ -47,6 +47,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import data as data_mod
+from ._config import add_config_option, parse_with_config, plain_options, write_config
 from ._runs import HelpFormatter, atomic_write_bytes, description, positive_int, prog, write_json
 from .profiles import PROFILE_CHOICES, PROFILES
 
@@ -117,7 +118,9 @@ def _seeds(text: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("experiments"), description=description(__doc__),
                                 formatter_class=HelpFormatter)
-    p.add_argument("--study", required=True, choices=(*STUDIES, "all"), help="which table/figure to reproduce")
+    add_config_option(p)
+    p.add_argument("--study", choices=(*STUDIES, "all"),
+                   help="which table/figure to reproduce (required, here or in --config)")
     p.add_argument("--data", default="synthetic", choices=data_mod.DATASETS, help="dataset format")
     p.add_argument("--root", help="dataset folder (not needed for synthetic)")
     p.add_argument("--profile", default="auto", choices=PROFILE_CHOICES,
@@ -524,6 +527,14 @@ def write_report(args, variants: dict, runs: list, common: Sequence[str]) -> dic
 # Command
 
 
+def _config_of(args) -> dict:
+    """The study's options as ``--config`` reads them back (seeds as the list form "0,1,2")."""
+    options = plain_options(vars(args), exclude=("argv", "report_only"))
+    seeds = [str(s) for s in args.seeds]
+    options["seeds"] = ",".join(seeds) + ("," if len(seeds) == 1 else "")
+    return options
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the studies; returns ``{"report", "launched", "failed"}``.
 
@@ -532,7 +543,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, _ = parse_with_config(parser, argv)
+    if args.study is None:
+        parser.error("--study is required (on the command line or in --config)")
     args.argv = argv
     if args.data != "synthetic" and not args.root:
         parser.error(f"--data {args.data} needs --root (the folder with the data set's files)")
@@ -543,6 +556,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    write_config(out / "config.yaml", _config_of(args),
+                 header="coorkern experiments options; `coorkern experiments --config <this file>` reruns them")
     try:
         common = _common_train_args(args)
     except (ValueError, data_mod.DatasetFormatError) as exc:

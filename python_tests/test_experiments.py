@@ -98,7 +98,27 @@ def test_p_values_are_marked_like_the_paper():
     assert experiments.format_p(None) == "n/a" and experiments.format_p(float("nan")) == "n/a"
 
 
+def test_the_study_folder_config_reproduces_the_options(tmp_path, capsys):
+    from coorkern._config import parse_with_config
+
+    out = tmp_path / "study"
+    experiments.main(study_args(out) + ["--report-only"])  # no training: options, config.yaml, empty report
+    config = out / "config.yaml"
+    original, _ = parse_with_config(experiments.build_parser(), study_args(out))
+    again, from_file = parse_with_config(experiments.build_parser(), ["--config", str(config)])
+    assert from_file and vars(again) == dict(vars(original), config=str(config))
+    assert again.seeds == [0]  # one seed survives the round trip ("0," rather than K = 0)
+    experiments.main(["--config", str(config), "--report-only"])  # --config runs the study
+    assert (out / "report.md").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: loss\nsede: 3\n")
+    with pytest.raises(SystemExit):
+        experiments.main(["--config", str(bad), "--out", str(tmp_path)])
+    assert "sede" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad, message", [
+    (["--variants", "bce"], "--study is required"),
     (["--study", "losses"], "--study"),
     (["--study", "loss", "--variants", "bce,mse"], "mse"),
     (["--study", "r", "--variants", "coor"], "coor"),
