@@ -7,8 +7,8 @@ model's input and the landmarks mapped back to its own pixels.  Per image and la
 model 50 mm between the predicted wrist landmarks, the data set's convention; else the
 file header's spacing, e.g. DICOM PixelSpacing; else the spacing all the model's
 training images shared, e.g. 0.1 mm for ISBI 2015), the heatmap peak probability as
-confidence, and the radius within which the true landmark lies with the checkpoint's coverage (split-conformal, calibrated
-on the training run's validation split).  Writes ``<out>/predictions.json`` or ``.csv``
+confidence, and the radius within which the true landmark lies with the checkpoint's
+coverage (split-conformal, calibrated on the training run's validation split).  Writes ``<out>/predictions.json`` or ``.csv``
 (``--format``, also printed) and an overlay PNG per image with the radius circles.
 Unreadable inputs are reported and skipped; the exit code is then 1.
 """

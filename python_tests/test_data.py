@@ -286,7 +286,7 @@ def test_isbi2015_mirror_layout_senior_only(tmp_path, capsys):
 def test_isbi2015_ids_as_numbers_or_record_names(tmp_path):
     isbi_mirror_fixture(tmp_path, ids=(2, 1, 3))
     by_number = data.load_dataset("isbi2015", tmp_path, "train", image_size=(30, 40), ids=[3, 1]).records
-    by_name = data.load_dataset("isbi2015", tmp_path, "train", image_size=(30, 40), ids=["003", "1"]).records
+    by_name = data.load_dataset("isbi2015", tmp_path, "train", image_size=(30, 40), ids=["003.jpg", "1"]).records
     assert [r.id for r in by_number] == [r.id for r in by_name] == ["003", "001"]
     assert np.array_equal(by_number[0].landmarks, by_name[0].landmarks)
     for bad, error, match in (([0], ValueError, "from 1 to 400, got 0"), (["x1"], TypeError, "got 'x1'"),

@@ -154,7 +154,8 @@ def test_real_radiographs_through_training_and_prediction(tmp_path):
         assert entry["image_size"] == list(size)
         coords = torch.tensor(entry["landmarks_px"])
         assert coords.shape == (19, 2) and torch.isfinite(coords).all()
-        assert (coords >= -0.5).all() and (coords[:, 0] <= size[1] - 0.5).all() and (coords[:, 1] <= size[0] - 0.5).all()
+        assert (coords >= -0.5).all()
+        assert (coords[:, 0] <= size[1] - 0.5).all() and (coords[:, 1] <= size[0] - 0.5).all()
     # A JPEG has no spacing: the training images' common 0.1 mm (from the CSV) applies; the
     # MetaImage's header gives its own.
     assert entries[0]["spacing_source"] == "the training images' spacing" and entries[0]["spacing_mm"] == [0.1, 0.1]

@@ -156,13 +156,13 @@ def _choose_annotator(annotator: Optional[str], sources: dict, root: Path) -> st
 
 
 def _image_numbers(ids) -> list:
-    """``ids`` as image numbers: ints, or strings of digits as the records name them ("001")."""
+    """``ids`` as image numbers: ints, or names as the records and files have them ("001", "001.jpg")."""
     if isinstance(ids, (str, bytes)):
         raise TypeError(f"ids must be a sequence of image numbers, e.g. [1, 2] or ['001', '002'], got {ids!r}")
     numbers = []
     for i in ids:
-        if isinstance(i, str) and i.strip().isdigit():
-            number = int(i)
+        if isinstance(i, str) and _image_number(i) is not None:
+            number = _image_number(i)
         elif isinstance(i, (int, np.integer)) and not isinstance(i, bool):
             number = int(i)
         else:
