@@ -1,29 +1,33 @@
 """GPU truth in one command: CUDA tests, benchmarks and the detector's training step.
 
-    python bench/gpu_check.py [--budget-min 11] [--json bench/gpu_check.json] [--no-results-md]
+    python bench/gpu_check.py [--budget-min 9.5] [--json bench/gpu_check.json] [--no-results-md]
+                              [--stages STAGE ...]
 
-On a CUDA machine, within a time box (11 minutes by default: a lent GPU has 15 in all), in
-this order:
+On a CUDA machine, within a time box (9.5 minutes by default: a lent GPU has 15 minutes in
+all and one device command at most 10), in this order:
 
 1. prints the device, torch / triton / CUDA versions and the measured copy bandwidth;
 2. runs the CUDA tests (``COORKERN_TEST_DEVICE=cuda pytest python_tests/test_cuda_*.py``,
-   real Triton compiler, no interpreter; one line per test, 120 s per test at most);
+   real Triton compiler, no interpreter; one line per test, 120 s per test at most, on
+   pytest-xdist workers where installed);
 3. a host profile of one forward + backward of each op (wall vs GPU kernel time, cProfile,
-   torch.profiler) -- the first H200 run found both host-bound;
+   torch.profiler) -- the H200 runs found both host-bound;
 4. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast): step
    time and peak memory with coorkern (auto), with coorkern's Triton kernels forced, with
    the eager reference ops (``coorkern.backend("reference")``) and with ``torch.compile``;
 5. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
    64M-element case, fp32 and bf16 (GB/s against the minimum bytes, GPU kernel time);
 6. ``bench/attention.py`` at N = 16384 / 13312 with d = 32 / 64 / 128 and the detector's
-   sizes, bf16 then fp32 (TFLOP/s, next to grid_sample + SDPA and eager; coorkern as
-   ``auto`` runs it and its Triton kernels forced);
+   sizes in bf16, then two sizes in fp32 (TFLOP/s, next to grid_sample + SDPA and eager;
+   coorkern as ``auto`` runs it and its Triton kernels forced);
 
 then checks the issue's targets on what it measured, writes everything to a JSON file and
 replaces the GPU section of ``bench/RESULTS.md`` (between ``<!-- gpu_check -->`` markers),
-naming the device.  Every stage runs in a subprocess with its share of the remaining time;
-a stage cut off by the time box prints "stopped at <stage>" and the report says so (the
-benchmarks print their tables row by row, so the rows measured before the cut are kept).
+naming the device.  Every stage runs in a subprocess with its share of the time box; a
+stage cut off prints "stopped at <stage>" and the report says so (the benchmarks print
+their tables row by row, so the rows measured before the cut are kept).  ``--stages``
+runs a subset, e.g. in a second device command what the first did not reach (write its
+JSON elsewhere and pass ``--no-results-md`` to keep the first run's section).
 
 On a machine without CUDA it prints that nothing ran and exits with status 2.
 """
@@ -49,20 +53,22 @@ EXIT_NO_CUDA = 2
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 MARK_START, MARK_END = "<!-- gpu_check:start -->", "<!-- gpu_check:end -->"
 
-CENTRAL_LOSS_SHAPES = ["2x19x512x416", "8x19x512x416", "64x1x1024x1024"]  # the last: 64M elements
 # Most telling first (the targets' size, then the detector's): a stage cut off by the time
-# box keeps the rows it printed.
-ATTENTION_SIZES = ["1x64x16384", "4x32x3328", "8x32x832", "2x64x13312", "1x128x16384", "2x32x13312",
-                   "2x128x13312", "1x32x16384"]
+# box keeps the rows it printed.  The second H200 run got through 2 of 3 loss shapes and 2 of
+# 8 attention sizes in the time box: the lists are what fits.
+CENTRAL_LOSS_SHAPES = ["8x19x512x416", "64x1x1024x1024", "2x19x512x416"]  # 64x1x1024x1024: 64M elements
+ATTENTION_SIZES_BF16 = ["1x64x16384", "4x32x3328", "8x32x832", "2x128x13312", "2x32x13312"]
+ATTENTION_SIZES_FP32 = ["1x64x16384", "4x32x3328"]
 # Stage time caps in seconds at the default time box (each also bounded by what is left;
-# a shorter box scales them all).  A lent GPU has 15 minutes in all, the machine's start
-# included: the default box is 11 minutes.  The first H200 run took ~300 s for the CUDA
-# tests, ~160 s for both benchmarks at 5 repetitions and 67 s for the training step.
-DEFAULT_BUDGET_MIN = 11.0
-STAGE_CAPS = {"cuda tests": 240, "host profile": 45, "training-step benchmark": 90, "central loss benchmark": 60,
-              "attention benchmark": 180}
-TABLE_KEYS = {"central loss benchmark": "central_loss_tables", "attention benchmark": "attention_tables",
-              "training-step benchmark": "train_step_tables"}
+# a shorter box scales them all).  A lent GPU has 15 minutes in all and one device command
+# at most 10: the default box, 9.5 minutes, fits one command with the machine's start.  The
+# second H200 run: the CUDA tests one at a time reached 23% in 183 s (compiling dominates:
+# they run on pytest-xdist workers where it is installed), the training step took ~100 s.
+DEFAULT_BUDGET_MIN = 9.5
+STAGE_CAPS = {"cuda tests": 150, "host profile": 25, "training-step benchmark": 110, "central loss benchmark": 55,
+              "attention benchmark, bf16": 130, "attention benchmark, fp32": 60}
+TABLE_KEYS = {"central loss benchmark": "central_loss_tables", "attention benchmark, bf16": "attention_tables",
+              "attention benchmark, fp32": "attention_tables", "training-step benchmark": "train_step_tables"}
 TARGETS = {
     "central loss fwd+bwd >= 80% of copy bandwidth": 0.8,
     "central loss >= 1.3x torch.compile": 1.3,
@@ -118,16 +124,18 @@ def run_stage(name: str, cmd: list[str], seconds: float, env: dict | None = None
 
 
 def markdown_tables(text: str) -> list[str]:
-    """The markdown tables (consecutive lines starting with '|') in ``text``."""
-    tables, current = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            current.append(line)
-        elif current:
-            if len(current) > 2:
-                tables.append("\n".join(current))
-            current = []
-    return tables
+    """The markdown tables in ``text``: a header line, a ``|---|`` line and the ``|`` rows after
+    them.  Rows stay with their table across other lines: a stage's warnings (stderr, merged)
+    land between the rows -- the second H200 run lost every target to that."""
+    separator = re.compile(r"\|(\s*:?-+:?\s*\|)+")
+    tables: list[list[str]] = []
+    lines = [line.strip() for line in text.splitlines() if line.startswith("|")]
+    for i, line in enumerate(lines):
+        if i + 1 < len(lines) and separator.fullmatch(lines[i + 1]):
+            tables.append([line])
+        elif tables:
+            tables[-1].append(line)
+    return ["\n".join(t) for t in tables if len(t) > 2]
 
 
 def table_rows(table: str) -> list[dict]:
@@ -164,8 +172,12 @@ def train_step_benchmark(reps: int, device: str = "cuda", size: tuple[int, int] 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(2, 1, height, width, generator=gen).to(device)
     landmarks = (torch.rand(2, 19, 2, generator=gen) * torch.tensor([width - 1.0, height - 1.0])).to(device)
+    print(f"device: {_common.device_name(device)}; CoorDetector base {base}, batch 2, {height}x{width}, "
+          "bf16 autocast, AdamW", flush=True)
+    _common.start_table(["impl", "step ms", "peak MiB", "peak extra MiB", "vs eager reference ops"])
     rows, times = [], {}
-    # "coorkern" is auto (Triton loss, grid_sample + SDPA attention on CUDA); "coorkern, all
+    # Rows print as measured (a cut-off stage keeps them); the eager reference comes first so
+    # that every row can carry its ratio.  "coorkern" is auto (Triton loss, grid_sample + SDPA attention on CUDA); "coorkern, all
     # Triton" forces the attention kernels too (what "coorkern" was in the first H200 run).
     for impl in ("eager reference ops", "coorkern", "coorkern, all Triton", "torch.compile + coorkern"):
         torch.manual_seed(0)
@@ -187,18 +199,12 @@ def train_step_benchmark(reps: int, device: str = "cuda", size: tuple[int, int] 
         seconds, extra = _common.measure(step, device, warmup=2, reps=reps)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
         times[impl] = seconds
-        rows.append([impl, f"{seconds * 1e3:.1f}", f"{peak:.0f}", f"{extra:.0f}"])
+        _common.add_row(rows, [impl, f"{seconds * 1e3:.1f}", f"{peak:.0f}", f"{extra:.0f}",
+                               f"{times['eager reference ops'] / seconds:.2f}x"])
         del model, optimizer, forward
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-    eager_seconds = times["eager reference ops"]
-    for row in rows:
-        row.append(f"{eager_seconds / times[row[0]]:.2f}x")
-    print(f"device: {_common.device_name(device)}; CoorDetector base {base}, batch 2, {height}x{width}, "
-          "bf16 autocast, AdamW")
-    print(_common.markdown_table(["impl", "step ms", "peak MiB", "peak extra MiB", "vs eager reference ops"],
-                                 rows))
 
 
 # ----------------------------------------------------------------------------- host profile
@@ -362,6 +368,31 @@ def stage_env() -> dict:
     return env
 
 
+def stage_commands(py: str, reps: str, base_env: dict) -> list[tuple[str, list[str], dict]]:
+    """(name, command, environment) of every stage, in the order they run."""
+    # One line per test (a stage cut off still shows where), a per-test time limit where
+    # pytest-timeout is installed (one slow test fails instead of eating the stage), and
+    # pytest-xdist workers where it is installed: the tests are bound by Triton's compiler,
+    # which runs on the host's cores.
+    pytest_flags = ["-v", "-p", "no:cacheprovider", "-rfEs", "--durations=10"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        pytest_flags += ["--timeout", "120"]
+    if importlib.util.find_spec("xdist") is not None:
+        pytest_flags += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
+    tests = sorted(os.path.join("python_tests", f) for f in os.listdir(os.path.join(ROOT, "python_tests"))
+                   if f.startswith("test_cuda_") and f.endswith(".py"))
+    attention = [py, "bench/attention.py", "--reps", reps, "--sizes"]
+    return [
+        ("cuda tests", [py, "-m", "pytest", *tests, *pytest_flags], dict(base_env, COORKERN_TEST_DEVICE="cuda")),
+        ("host profile", [py, "bench/gpu_check.py", "--stage", "host-profile", "--reps", reps], base_env),
+        ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], base_env),
+        ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,
+                                    "--dtypes", "fp32", "bf16", "--reps", reps], base_env),
+        ("attention benchmark, bf16", [*attention, *ATTENTION_SIZES_BF16, "--dtypes", "bf16"], base_env),
+        ("attention benchmark, fp32", [*attention, *ATTENTION_SIZES_FP32, "--dtypes", "fp32"], base_env),
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-min", type=float, default=DEFAULT_BUDGET_MIN,
@@ -373,6 +404,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, nargs=2, default=(512, 416), help=argparse.SUPPRESS)
     parser.add_argument("--base", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per benchmark case")
+    parser.add_argument("--stages", nargs="+", default=list(STAGE_CAPS), choices=list(STAGE_CAPS), metavar="STAGE",
+                        help="run only these stages (default: all; e.g. the ones a first call did not reach: "
+                             "'attention benchmark, fp32')")
     args = parser.parse_args(argv)
     if args.stage == "train-step":
         train_step_benchmark(args.reps, args.device, tuple(args.size), args.base)
@@ -402,26 +436,9 @@ def main(argv=None) -> int:
     print(f"device-to-device copy: {results['copy_gbps']:.0f} GB/s (read + write)")
 
     base_env = stage_env()
-    env = dict(base_env, COORKERN_TEST_DEVICE="cuda")
-    # One line per test (a stage cut off still shows where), and a per-test time limit where
-    # pytest-timeout is installed, so one slow test fails instead of eating the stage.
-    pytest_flags = ["-v", "-p", "no:cacheprovider", "-rfEs", "--durations=10"]
-    if importlib.util.find_spec("pytest_timeout") is not None:
-        pytest_flags += ["--timeout", "120"]
-    tests = sorted(os.path.join("python_tests", f) for f in os.listdir(os.path.join(ROOT, "python_tests"))
-                   if f.startswith("test_cuda_") and f.endswith(".py"))
-    py = sys.executable
-    reps = str(args.reps)
-    stages = [
-        ("cuda tests", [py, "-m", "pytest", *tests, *pytest_flags], env),
-        ("host profile", [py, "bench/gpu_check.py", "--stage", "host-profile", "--reps", reps], base_env),
-        ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], base_env),
-        ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,
-                                    "--dtypes", "fp32", "bf16", "--reps", reps], base_env),
-        ("attention benchmark", [py, "bench/attention.py", "--sizes", *ATTENTION_SIZES, "--dtypes", "bf16", "fp32",
-                                 "--reps", reps], base_env),
-    ]
-    for name, cmd, stage_env in stages:
+    py, reps = sys.executable, str(args.reps)
+    stages = [(name, cmd, env) for name, cmd, env in stage_commands(py, reps, base_env) if name in args.stages]
+    for name, cmd, env_for_stage in stages:
         left = budget - (time.monotonic() - start)
         if left < 10:
             results["stopped_at"] = f"{name} (not started: the {args.budget_min:g}-minute time box is used up)"
@@ -429,7 +446,7 @@ def main(argv=None) -> int:
             break
         # A shorter time box shrinks every stage's cap alike, so the later stages still run.
         cap = STAGE_CAPS[name] * min(1.0, budget / (DEFAULT_BUDGET_MIN * 60))
-        stage = run_stage(name, cmd, min(cap, left), stage_env)
+        stage = run_stage(name, cmd, min(cap, left), env_for_stage)
         if stage["status"] == "stopped" and results["stopped_at"] is None:
             results["stopped_at"] = f"{name} (cut off after {stage['seconds']:.0f} s)"
         tables = markdown_tables(stage["output"])
@@ -437,8 +454,7 @@ def main(argv=None) -> int:
             summary = [line for line in stage["output"].splitlines() if re.search(r"\d+ (passed|failed|skipped)", line)]
             stage["summary"] = summary[-1].strip("= ") if summary else ""
         elif tables and name in TABLE_KEYS:
-            key = TABLE_KEYS[name]
-            results[key] = tables[-1:]
+            results.setdefault(TABLE_KEYS[name], []).extend(tables[-1:])
         results["stages"].append(stage)
 
     results["elapsed_s"] = time.monotonic() - start

@@ -24,6 +24,15 @@ def _load() -> None:
     if os.environ.get("COORKERN_DISABLE_CPP", "0") not in ("", "0"):
         _error = "disabled by COORKERN_DISABLE_CPP"
         return
+    if not any(name.startswith("_C.") and name.endswith((".so", ".pyd")) for name in os.listdir(_PACKAGE_DIR)):
+        # Without this, Python's message for the missing module is "cannot import name '_C'
+        # from partially initialized module 'coorkern' (most likely due to a circular
+        # import)": misleading for a checkout used from PYTHONPATH (the GPU runs do that).
+        _error = f"not built: no coorkern/_C extension module in {_PACKAGE_DIR}"
+        warnings.warn(f"coorkern: the C++ extension is {_error}; CPU ops fall back to the eager PyTorch "
+                      "reference. Install with `pip install --no-build-isolation -e .` to build it.",
+                      RuntimeWarning, stacklevel=3)
+        return
     try:
         from . import _C  # loads libcoorkern_ops.so: registers TORCH_LIBRARY(coorkern, ...)
     except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch

@@ -13,8 +13,6 @@ import pytest
 
 from coorkern import experiments, train
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("scipy")
 
 TINY_TRAIN = ("--train-samples 8 --val-samples 4 --test-samples 6 --batch-size 4 --base-channels 2 "
               "--heads 2 2 1 1 --lr 3e-3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,69 @@ def test_targets_and_results_section(gpu_check, tmp_path):
     gpu_check.write_results_md(gpu_check.results_markdown(results), str(path))
     second = path.read_text()  # the section is replaced, not appended
     assert "Some GPU" not in second and second.count(gpu_check.MARK_START) == 1 and "## CPU" in second
+
+
+def test_tables_survive_warnings_between_their_rows(gpu_check):
+    """The second H200 run printed warnings (stderr, merged) between a table's header and its
+    rows: every target read "not measured" although the rows were there."""
+    text = ("| impl | ms |\n|---|---|\n/x/profiler.py:224: UserWarning: Profiler clears events\n  _warn_once(\n"
+            "| eager | 2.0 |\nanother warning\n| coorkern | 1.0 |\n\ndevice: X\n| a | b |\n| --- | :-: |\n| 1 | 2 |\n")
+    tables = [gpu_check.table_rows(t) for t in gpu_check.markdown_tables(text)]
+    assert tables == [[{"impl": "eager", "ms": "2.0"}, {"impl": "coorkern", "ms": "1.0"}], [{"a": "1", "b": "2"}]]
+
+
+def test_main_on_a_pretend_gpu_runs_every_stage_and_judges_the_targets(gpu_check, tmp_path, monkeypatch):
+    """main() past the CUDA check, with the stages' commands replaced by canned output: the
+    second H200 run died here (a loop variable shadowed ``stage_env``) after the first had
+    been fixed elsewhere; no CPU test reached this code."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Pretend GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(gpu_check, "copy_bandwidth_gbps", lambda: 1000.0)
+    warning = "/x.py:1: UserWarning: noise\n  warn()\n"
+    canned = {
+        "cuda tests": "python_tests/test_cuda_x.py::test_a PASSED\n=== 3 passed, 1 skipped in 9.0s ===\n",
+        "training-step benchmark": ("| impl | step ms | vs eager reference ops |\n|---|---|---|\n" + warning
+                                    + "| eager reference ops | 30 | 1.00x |\n| coorkern | 15 | 2.00x |\n"),
+        "central loss benchmark": ("| shape | impl | vs eager | vs compile | GB/s |\n|---|---|---|---|---|\n" + warning
+                                   + "| 8x19x512x416 | coorkern | 6.00x | 1.50x | 900 |\n"),
+        "attention benchmark, bf16": (
+            "| heads x d x N | dtype | impl | fwd TFLOP/s | bwd TFLOP/s | vs grid+sdpa |\n|---|---|---|---|---|---|\n"
+            + warning + "| 1x64x16384 | bf16 | coorkern-triton | 260 | 140 | 1.10x |\n"),
+    }
+    seen = []
+
+    def fake_stage(name, cmd, seconds, env=None):
+        seen.append((name, seconds, env))
+        return {"name": name, "command": " ".join(cmd), "status": "ok", "seconds": 1.0,
+                "output": canned.get(name, "nothing to report\n")}
+
+    monkeypatch.setattr(gpu_check, "run_stage", fake_stage)
+    results_md = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(gpu_check, "RESULTS_MD", str(results_md))
+    monkeypatch.setattr(gpu_check, "write_results_md",
+                        lambda section, path=None: results_md.write_text(section))
+    out = tmp_path / "out.json"
+    assert gpu_check.main(["--json", str(out)]) == 0
+    assert [name for name, _, _ in seen] == list(gpu_check.STAGE_CAPS)
+    assert all(seconds <= gpu_check.STAGE_CAPS[name] for name, seconds, _ in seen)
+    assert seen[0][2]["COORKERN_TEST_DEVICE"] == "cuda" and all("TRITON_INTERPRET" not in env for _, _, env in seen)
+    verdicts = {name: verdict for name, _, verdict in json.loads(out.read_text())["targets"]}
+    assert verdicts == {
+        "central loss fwd+bwd >= 80% of copy bandwidth": "met",
+        "central loss >= 1.3x torch.compile": "met",
+        "central loss >= 5x eager": "met",
+        "attention bf16 d=64 N=16384 forward >= 250 TFLOP/s": "met",
+        "attention bf16 d=64 N=16384 backward >= 150 TFLOP/s": "NOT met",
+        "attention bf16 d=64 N=16384 fwd+bwd >= 1.0x grid+sdpa": "met",
+        "training step >= 1.5x eager reference ops": "met",
+    }
+    section = results_md.read_text()
+    assert "## GPU: Pretend GPU" in section and "cuda tests: ok in 1 s -- 3 passed, 1 skipped in 9.0s" in section
+
+    seen.clear()  # a second call for what the first did not reach
+    assert gpu_check.main(["--json", str(out), "--stages", "attention benchmark, fp32", "--no-results-md"]) == 0
+    assert [name for name, _, _ in seen] == ["attention benchmark, fp32"]
