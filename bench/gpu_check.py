@@ -10,8 +10,9 @@ all and one device command at most 10), in this order:
 2. runs the CUDA tests (``COORKERN_TEST_DEVICE=cuda pytest python_tests/test_cuda_*.py``,
    real Triton compiler, no interpreter; one line per test, 120 s per test at most, on
    pytest-xdist workers where installed);
-3. a host profile of one forward + backward of each op (wall vs GPU kernel time, cProfile,
-   torch.profiler) -- the H200 runs found both host-bound;
+3. a host profile: ``bench/host_overhead.py`` (host microseconds per call of each layer
+   between the user and the GPU, tiny inputs), then one forward + backward of each op
+   (wall vs GPU kernel time, cProfile, torch.profiler) -- the H200 runs found both host-bound;
 4. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast): step
    time and peak memory with coorkern (auto), with coorkern's Triton kernels forced, with
    the eager reference ops (``coorkern.backend("reference")``) and with ``torch.compile``;
@@ -65,8 +66,8 @@ ATTENTION_SIZES_FP32 = ["1x64x16384", "4x32x3328"]
 # second H200 run: the CUDA tests one at a time reached 23% in 183 s (compiling dominates:
 # they run on pytest-xdist workers where it is installed), the training step took ~100 s.
 DEFAULT_BUDGET_MIN = 9.5
-STAGE_CAPS = {"cuda tests": 150, "host profile": 25, "training-step benchmark": 110, "central loss benchmark": 55,
-              "attention benchmark, bf16": 130, "attention benchmark, fp32": 60}
+STAGE_CAPS = {"cuda tests": 150, "host profile": 35, "training-step benchmark": 110, "central loss benchmark": 55,
+              "attention benchmark, bf16": 120, "attention benchmark, fp32": 60}
 TABLE_KEYS = {"central loss benchmark": "central_loss_tables", "attention benchmark, bf16": "attention_tables",
               "attention benchmark, fp32": "attention_tables", "training-step benchmark": "train_step_tables"}
 TARGETS = {
@@ -228,9 +229,12 @@ def host_profile(reps: int, device: str = "cuda") -> None:
     sys.path.insert(0, ROOT)
     import _common
     import attention as attention_bench
+    import host_overhead
 
     import coorkern
 
+    # First the layers' host cost on tiny inputs (bench/host_overhead.py), then the profiles.
+    host_overhead.main(["--device", device, "--iters", "50"])
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 19, 512, 416, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
