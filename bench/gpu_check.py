@@ -13,12 +13,14 @@ all and one device command at most 10), in this order:
 3. a host profile: ``bench/host_overhead.py`` (host microseconds per call of each layer
    between the user and the GPU, tiny inputs), then one forward + backward of each op
    (wall vs GPU kernel time, cProfile, torch.profiler) -- the H200 runs found both host-bound;
-4. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast): step
+4. the C++ library's ahead-of-time CUDA kernels (``csrc/aot/``): built in place, then run
+   from a process that loads only ``libcoorkern_ops.so`` (``test_cuda_cpp_aot.py``);
+5. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast): step
    time and peak memory with coorkern (auto), with coorkern's Triton kernels forced, with
    the eager reference ops (``coorkern.backend("reference")``) and with ``torch.compile``;
-5. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
+6. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
    64M-element case, fp32 and bf16 (GB/s against the minimum bytes, GPU kernel time);
-6. ``bench/attention.py`` at N = 16384 / 13312 with d = 32 / 64 / 128 and the detector's
+7. ``bench/attention.py`` at N = 16384 / 13312 with d = 32 / 64 / 128 and the detector's
    sizes in bf16, then two sizes in fp32 (TFLOP/s, next to grid_sample + SDPA and eager;
    coorkern as ``auto`` runs it and its Triton kernels forced);
 
@@ -26,9 +28,11 @@ then checks the issue's targets on what it measured, writes everything to a JSON
 replaces the GPU section of ``bench/RESULTS.md`` (between ``<!-- gpu_check -->`` markers),
 naming the device.  Every stage runs in a subprocess with its share of the time box; a
 stage cut off prints "stopped at <stage>" and the report says so (the benchmarks print
-their tables row by row, so the rows measured before the cut are kept).  ``--stages``
-runs a subset, e.g. in a second device command what the first did not reach (write its
-JSON elsewhere and pass ``--no-results-md`` to keep the first run's section).
+their tables row by row, so the rows measured before the cut are kept).  The stages' caps
+add up to more than the default box: the last ones (the benchmarks, measured on two H200
+runs already) go first when time is short.  ``--stages`` runs a subset, e.g. in a second
+device command what the first did not reach (write its JSON elsewhere and pass
+``--no-results-md`` to keep the first run's section).
 
 On a machine without CUDA it prints that nothing ran and exits with status 2.
 """
@@ -66,8 +70,8 @@ ATTENTION_SIZES_FP32 = ["1x64x16384", "4x32x3328"]
 # second H200 run: the CUDA tests one at a time reached 23% in 183 s (compiling dominates:
 # they run on pytest-xdist workers where it is installed), the training step took ~100 s.
 DEFAULT_BUDGET_MIN = 9.5
-STAGE_CAPS = {"cuda tests": 150, "host profile": 35, "training-step benchmark": 110, "central loss benchmark": 55,
-              "attention benchmark, bf16": 120, "attention benchmark, fp32": 60}
+STAGE_CAPS = {"cuda tests": 150, "host profile": 35, "C++ CUDA kernels": 150, "training-step benchmark": 110,
+              "central loss benchmark": 55, "attention benchmark, bf16": 120, "attention benchmark, fp32": 60}
 TABLE_KEYS = {"central loss benchmark": "central_loss_tables", "attention benchmark, bf16": "attention_tables",
               "attention benchmark, fp32": "attention_tables", "training-step benchmark": "train_step_tables"}
 TARGETS = {
@@ -389,6 +393,12 @@ def stage_commands(py: str, reps: str, base_env: dict) -> list[tuple[str, list[s
     return [
         ("cuda tests", [py, "-m", "pytest", *tests, *pytest_flags], dict(base_env, COORKERN_TEST_DEVICE="cuda")),
         ("host profile", [py, "bench/gpu_check.py", "--stage", "host-profile", "--reps", reps], base_env),
+        # The C++ library's AOT kernels as a libtorch program runs them: build it in place (the
+        # checkout on a lent GPU is not installed), then compare with the reference.
+        ("C++ CUDA kernels", ["bash", "-c", f"{py} setup.py build_ext --inplace > build_ext.log 2>&1; "
+                              "grep -h 'compiled\\|WARNING' build_ext.log; tail -n 3 build_ext.log; "
+                              f"{py} -m pytest python_tests/test_cuda_cpp_aot.py -v -rs -p no:cacheprovider"],
+         dict(base_env, COORKERN_TEST_DEVICE="cuda")),
         ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], base_env),
         ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,
                                     "--dtypes", "fp32", "bf16", "--reps", reps], base_env),

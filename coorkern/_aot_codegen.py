@@ -22,7 +22,7 @@ from typing import Any
 
 ARCHES = (80, 90)
 # op name (as the C++ launcher looks it up) -> module declaring AOT_VARIANTS and aot_spec
-AOT_OPS = {"central_loss": "coorkern.ops.central_loss"}
+AOT_OPS = {"central_loss": "coorkern.ops.central_loss", "coor_attention": "coorkern.ops._attention_aot"}
 SOURCE_NAME = "aot_kernels.cpp"
 
 

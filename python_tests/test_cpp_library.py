@@ -20,6 +20,7 @@ import torch
 
 import coorkern
 from coorkern import _extension
+from coorkern.ops import _attention_aot as attention_aot
 from coorkern.ops import central_loss as cl_module
 from coorkern.ops import coor_attention as ca_module
 
@@ -211,21 +212,25 @@ def test_library_holds_aot_cuda_kernels_for_sm80_and_sm90(tmp_path):
     from coorkern._triton_aot import _cuobjdump
 
     kernels = _aot_kernels()
-    expected = {variant_key(v) for v in cl_module.AOT_VARIANTS}
-    for arch in (80, 90):
-        assert {variant for op, variant, a, _ in kernels if op == "central_loss" and a == arch} == expected
-    assert f"central_loss@sm_80x{len(expected)}" in _extension.build_info()
+    for op, variants in (("central_loss", cl_module.AOT_VARIANTS), ("coor_attention", attention_aot.AOT_VARIANTS)):
+        expected = {variant_key(v) for v in variants}
+        for arch in (80, 90):
+            assert {variant for o, variant, a, _ in kernels if o == op and a == arch} == expected, (op, arch)
+        assert f"{op}@sm_80x{len(expected)}" in _extension.build_info()
     # One cubin per kernel and arch through cuobjdump: real SASS for that arch.
     first = {}
     for op, variant, arch, cubin in kernels:
-        first.setdefault((re.search(r"kernel=(\w+)", variant).group(1), arch), cubin)
-    assert set(first) == {(k, a) for k in ("central_loss", "finish_sum") for a in (80, 90)}
+        first.setdefault((re.search(r"(?:kernel|name)=(\w+)", variant).group(1), arch), cubin)
+    kernel_names = {"central_loss": "central_loss", "finish_sum": "finish_sum", "fwd": "attn_fwd",
+                    "dkv": "attn_bwd_dkv", "dq": "attn_bwd_dq", "sample": "sample", "scatter": "scatter",
+                    "rowdot": "row_dot"}
+    assert set(first) == {(k, a) for k in kernel_names for a in (80, 90)}
     for (kernel, arch), cubin in first.items():
         path = tmp_path / f"{kernel}{arch}.cubin"
         path.write_bytes(cubin)
         sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
         assert re.search(rf"code for sm_{arch}a?\b", sass), sass[:500]
-        assert f"Function : _{kernel}_kernel" in sass
+        assert f"Function : _{kernel_names[kernel]}_kernel" in sass
 
 
 def test_cpp_launcher_uses_the_python_fast_row_limit():
@@ -235,8 +240,9 @@ def test_cpp_launcher_uses_the_python_fast_row_limit():
 
 
 @needs_library
-def test_python_cuda_kernels_replace_the_cpp_ones_silently():
-    code = "import coorkern, torch; print(torch._C._dispatch_dump('coorkern::central_loss'))"
+@pytest.mark.parametrize("op", ["central_loss", "coor_attention", "coor_attention_backward"])
+def test_python_cuda_kernels_replace_the_cpp_ones_silently(op):
+    code = f"import coorkern, torch; print(torch._C._dispatch_dump('coorkern::{op}'))"
     proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TRITON_INTERPRET="0"))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -244,7 +250,8 @@ def test_python_cuda_kernels_replace_the_cpp_ones_silently():
     active_cuda = re.search(r"^CUDA: registered at (\S+)", proc.stdout, re.M).group(1)
     assert "torch/library.py" in active_cuda  # the Python (Triton JIT) kernel
     if "cuda_aot=" in _extension.build_info():
-        assert re.search(r"^CUDA \(inactive\): registered at \S+central_loss_cuda.cpp", proc.stdout, re.M)
+        source = "central_loss_cuda.cpp" if op == "central_loss" else "coor_attention_cuda.cpp"
+        assert re.search(rf"^CUDA \(inactive\): registered at \S+{source}", proc.stdout, re.M)
 
 
 _HOST_CHECK = """
@@ -291,6 +298,75 @@ def test_cuda_launchers_pass_the_compiled_signatures():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split()[-1] == str(3 * 2 * 3 * 4 + 2)
+
+
+_ATTENTION_HOST_CHECK = """
+import itertools, sys, torch
+torch.ops.load_library(sys.argv[1])  # without coorkern's Python registrations: the C++ CUDA kernels
+ops = torch.ops.coorkern
+cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+calls = 0
+
+def expect_device_error(op, args, label):
+    global calls
+    try:
+        op.default.redispatch(cuda, *args)
+    except RuntimeError as exc:
+        assert "need CUDA tensors, got cpu" in str(exc), (label, str(exc))
+        calls += 1
+    else:
+        raise AssertionError(("launched on CPU tensors", label))
+
+for dtype, d, sample, align, per_head, tf32 in itertools.product(
+        (torch.float32, torch.float64, torch.float16, torch.bfloat16), (8, 16, 48, 128), ("qk", "kv"),
+        (True, False), (False, True), (False, True)):
+    if tf32 and dtype != torch.float32:
+        continue
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    b, heads, h, w, n = 2, 3, 5, 6, 7
+    fmap = lambda: torch.randn(b, heads, h, w, d, dtype=dtype)
+    tokens = lambda: torch.randn(b, heads, n, d, dtype=dtype)
+    q, k, v = (fmap(), fmap(), tokens()) if sample == "qk" else (tokens(), fmap(), fmap())
+    coords = torch.rand(b, heads, n, 2) * 2 - 1 if per_head else torch.rand(b, n, 2) * 2 - 1
+    label = (dtype, d, sample, align, per_head, tf32)
+    expect_device_error(ops.coor_attention, (q, k, v, coords, sample, 0.3, align), label)
+    out, lse = tokens(), torch.randn(b, heads, n, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    expect_device_error(ops.coor_attention_backward, (tokens(), q, k, v, coords, out, lse, sample, 0.3, align), label)
+print(calls)
+for label, args, message in (
+        ("d = 24", (torch.randn(1, 1, 3, 3, 24),) * 2 + (torch.randn(1, 1, 4, 24), torch.rand(1, 4, 2)), "head widths"),
+        ("int", (torch.ones(1, 1, 3, 3, 8, dtype=torch.int32),) * 2 + (torch.ones(1, 1, 4, 8, dtype=torch.int32),
+                                                                         torch.rand(1, 4, 2)), "must be float32")):
+    try:
+        ops.coor_attention.default.redispatch(cuda, *args, "qk", 0.3, True)
+    except RuntimeError as exc:
+        assert message in str(exc), (label, str(exc))
+        print("refused", label)
+torch.use_deterministic_algorithms(True)
+try:
+    ops.coor_attention.default.redispatch(cuda, torch.randn(1, 1, 3, 3, 8), torch.randn(1, 1, 3, 3, 8),
+                                          torch.randn(1, 1, 4, 8), torch.rand(1, 4, 2), "qk", 0.3, True)
+except RuntimeError as exc:
+    assert "no deterministic backward" in str(exc), str(exc)
+    print("refused deterministic")
+"""
+
+
+@needs_library
+def test_cuda_attention_launchers_pass_the_compiled_signatures():
+    """The C++ CUDA coor_attention and its backward, called with CPU tensors, plan every
+    launch (sample, attention, row-dot, dK/dV, dQ, scatter), find each AOT variant -- every
+    dtype, both d families (d < 16 and multiples of 16), both samples, align_corners, shared
+    and per-head coords, tf32 on and off -- and check the arguments against the compiled
+    signatures before the first launch stops at the device check; unsupported inputs are
+    refused with the reason."""
+    if "cuda_aot=" not in _extension.build_info():
+        pytest.skip("the library was built without the AOT CUDA kernels")
+    proc = subprocess.run([sys.executable, "-c", _ATTENTION_HOST_CHECK, _extension.library_path()],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.splitlines()[0] == str(2 * (5 * 4 * 2 * 2 * 2)), proc.stdout  # (dtype, tf32) x d x ...
+    assert "refused d = 24" in proc.stdout and "refused int" in proc.stdout and "refused deterministic" in proc.stdout
 
 
 def test_a_checkout_without_the_built_extension_says_so(tmp_path):

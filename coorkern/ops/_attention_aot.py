@@ -22,9 +22,9 @@ _TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 _UNIT_STRIDES = ("s_md", "s_qd", "s_kd", "s_vd", "s_ad", "s_bd", "s_cc")
 
 
-def aot_spec(name: str, dtype: torch.dtype, d: int, *, arch: int = 90, precision: Optional[str] = None,
+def aot_spec(name: str, dtype, d: int, *, arch: int = 90, precision: Optional[str] = None,
              sample: str = "qk", deterministic: bool = False, align_corners: bool = True, add_dc: bool = False,
-             config: Optional[dict] = None):
+             config: Optional[dict] = None, aligned: bool = True):
     """``(kernel, signature, constexprs, config, divisible)`` of one kernel as the launchers
     run it on a GPU with contiguous inputs, for ``coorkern._triton_aot.compile_for_gpu``.
 
@@ -34,9 +34,14 @@ def aot_spec(name: str, dtype: torch.dtype, d: int, *, arch: int = 90, precision
     and ``divisible`` names the arguments Triton's launcher marks divisible by 16 for
     16-byte aligned, contiguous inputs with d in {16, 32, 64, 128} (pointers, d, and the
     map/token strides, which are multiples of d): pass them to ``ASTSource`` as
-    ``tt.divisibility`` attributes to compile the variant a GPU actually runs.
+    ``tt.divisibility`` attributes to compile the variant a GPU actually runs.  With
+    ``aligned=False`` only the pointers are (any d, e.g. the CPU profile's d = 8).
+    ``dtype`` is a torch dtype or its Triton name ("bf16", as ``AOT_VARIANTS`` has it).
     """
     from . import coor_attention as ca  # the kernels (that module imports this one)
+
+    if isinstance(dtype, str):
+        dtype = {v: k for k, v in _TL_NAMES.items()}[dtype]
 
     kernels = {"fwd": ca._attn_fwd_kernel, "dkv": ca._attn_bwd_dkv_kernel, "dq": ca._attn_bwd_dq_kernel,
                "sample": ca._sample_kernel, "scatter": ca._scatter_kernel, "rowdot": ca._row_dot_kernel}
@@ -70,7 +75,7 @@ def aot_spec(name: str, dtype: torch.dtype, d: int, *, arch: int = 90, precision
             signature[p] = "i32"
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     divisible = [p for p in params if p not in constexprs and (
-        p.endswith("_ptr") or p == "d" or re.fullmatch(r"s_[mqkvab][bhyxn]", p))]
+        p.endswith("_ptr") or (aligned and (p == "d" or re.fullmatch(r"s_[mqkvab][bhyxn]", p))))]
     return fn, signature, constexprs, cfg, divisible
 
 
@@ -91,3 +96,30 @@ def aot_variants(arch: int = 90, head_dims=(16, 32, 64, 128)):
                     for sample in (("qk", "kv") if name != "fwd" else ("qk",)):
                         for cfg in candidates(name, d, dtype, precision, arch):
                             yield name, dtype, d, {"precision": precision, "sample": sample, "config": cfg}
+
+
+def _cpp_variants() -> list:
+    """The variants compiled into the C++ library (``coorkern._aot_codegen``), launched by
+    ``csrc/aot/coor_attention_cuda.cpp`` with its launch configuration per arch (no
+    autotuning): float32 (tf32 and ieee dots), float64, float16 and bfloat16; head widths
+    that are multiples of 16 up to 128 (``aligned``: d and the strides divisible by 16, the
+    variant a GPU runs from Python) and d < 16 (``aligned=0``: the CPU profile's d = 8).
+    Not compiled: the deterministic scatter (C++ callers get a clear error; Python runs it
+    through the JIT)."""
+    variants = []
+    for aligned, dims in ((True, (16, 32, 64, 128)), (False, (16,))):
+        for d in dims:
+            for dtype in ("fp32", "fp64", "fp16", "bf16"):
+                base = dict(aligned=aligned, d=d, dtype=dtype)
+                variants.append(dict(base, name="rowdot"))
+                for align in (True, False):
+                    variants.append(dict(base, name="sample", align_corners=align))
+                    variants += [dict(base, name="scatter", align_corners=align, add_dc=add) for add in (False, True)]
+                for precision in (("tf32", "ieee") if dtype == "fp32" else ("ieee",)):
+                    variants.append(dict(base, name="fwd", precision=precision))
+                    variants += [dict(base, name=name, precision=precision, sample=sample)
+                                 for name in ("dkv", "dq") for sample in ("qk", "kv")]
+    return variants
+
+
+AOT_VARIANTS = _cpp_variants()

@@ -48,6 +48,9 @@ struct Arg {
   } value;
 
   static Arg tensor(const at::Tensor& t);
+  // A pointer slot of another type that the kernel does not read in this variant (e.g. the
+  // deterministic scatter's index buffer), filled with t's address.
+  static Arg unused_pointer(const at::Tensor& t, const char* type);
   static Arg i32(int32_t v);
   static Arg i64(int64_t v);
   static Arg f32(float v);
@@ -59,6 +62,9 @@ const char* triton_dtype(at::ScalarType type);
 
 // The integer constexpr `name` of a variant (e.g. its BLOCK), for the launch grid.
 int64_t constexpr_int(const char* op, const std::string& variant, const char* name);
+// The same for the image that launch() runs on `device` (block sizes may differ per arch);
+// the first image for a non-CUDA device (the tests' CPU-tensor calls).
+int64_t constexpr_int(const char* op, const std::string& variant, const char* name, const at::Device& device);
 
 // Checks args against the variant's parameter types; throws naming both when they differ.
 void check_args(const KernelImage& image, const std::vector<Arg>& args);

@@ -119,6 +119,21 @@ CUfunction load_function(const Driver& d, const KernelImage& image, bool use_ptx
   return function;
 }
 
+int capability_of(const Driver& d, CUdevice device) {
+  int major = 0, minor = 0;
+  check(d, d.device_attribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "cuDeviceGetAttribute");
+  check(d, d.device_attribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "cuDeviceGetAttribute");
+  return 10 * major + minor;
+}
+
+int64_t constexpr_value(const KernelImage& image, const char* name) {
+  const std::string constexprs = std::string(",") + image.constexprs + ",";
+  const std::string key = std::string(",") + name + "=";
+  const auto at = constexprs.find(key);
+  TORCH_CHECK(at != std::string::npos, "coorkern: kernel ", image.op, " has no constexpr ", name);
+  return std::stoll(constexprs.substr(at + key.size()));
+}
+
 }  // namespace
 
 std::string describe() {
@@ -133,6 +148,11 @@ std::string describe() {
 
 Arg Arg::tensor(const at::Tensor& t) {
   Arg a{std::string("*") + triton_dtype(t.scalar_type()), {}};
+  a.value.ptr = reinterpret_cast<uint64_t>(t.data_ptr());
+  return a;
+}
+Arg Arg::unused_pointer(const at::Tensor& t, const char* type) {
+  Arg a{type, {}};
   a.value.ptr = reinterpret_cast<uint64_t>(t.data_ptr());
   return a;
 }
@@ -154,11 +174,16 @@ const char* triton_dtype(at::ScalarType type) {
 }
 
 int64_t constexpr_int(const char* op, const std::string& variant, const char* name) {
-  const std::string constexprs = std::string(",") + images_of(op, variant).front()->constexprs + ",";
-  const std::string key = std::string(",") + name + "=";
-  const auto at = constexprs.find(key);
-  TORCH_CHECK(at != std::string::npos, "coorkern: kernel ", op, " has no constexpr ", name);
-  return std::stoll(constexprs.substr(at + key.size()));
+  return constexpr_value(*images_of(op, variant).front(), name);
+}
+
+int64_t constexpr_int(const char* op, const std::string& variant, const char* name, const at::Device& device) {
+  const auto images = images_of(op, variant);
+  if (!device.is_cuda()) return constexpr_value(*images.front(), name);
+  const Driver& d = driver();
+  CUdevice cu_device = 0;
+  check(d, d.device_get(&cu_device, device.index()), "cuDeviceGet");
+  return constexpr_value(*select_image(images, capability_of(d, cu_device)).first, name);
 }
 
 void check_args(const KernelImage& image, const std::vector<Arg>& args) {
@@ -188,10 +213,7 @@ void launch(const at::Device& device, const char* op, const std::string& variant
   c10::DeviceGuard guard(device);  // makes the device's primary context current (torch's runtime)
   CUdevice cu_device = 0;
   check(d, d.device_get(&cu_device, device.index()), "cuDeviceGet");
-  int major = 0, minor = 0;
-  check(d, d.device_attribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, cu_device), "cuDeviceGetAttribute");
-  check(d, d.device_attribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, cu_device), "cuDeviceGetAttribute");
-  const auto [image, use_ptx] = select_image(images, 10 * major + minor);
+  const auto [image, use_ptx] = select_image(images, capability_of(d, cu_device));
   CUfunction function = load_function(d, *image, use_ptx, cu_device);
 
   std::vector<void*> params;

@@ -3,7 +3,9 @@
 // Typed entry points for every coorkern op and its backward.  They call the op through
 // the PyTorch dispatcher, so they run the kernel registered for the tensors' device:
 // the C++ CPU kernels, and on CUDA the ahead-of-time compiled Triton kernels when the
-// library was built with them (sm_80 / sm_90, float32 / float64).  Semantics, shapes and
+// library was built with them (sm_80 / sm_90 cubins, sm_80 PTX for newer GPUs; the central
+// loss in float32 / float64, coor_attention in float32 / float64 / float16 / bfloat16 with
+// head widths d < 16 or multiples of 16 up to 128, not under deterministic algorithms).  Semantics, shapes and
 // defaults are those of the Python functions (coorkern.central_loss, ...).  There is no
 // autograd from C++: call the *_backward functions for the gradients.  Linking to
 // coorkern::ops also registers torch.ops-style names (coorkern::central_loss, ...) for
