@@ -17,6 +17,7 @@ import torch
 import triton
 
 from .. import _backend
+from ._host import next_power_of_2
 
 AUTOTUNE_ENV = "COORKERN_AUTOTUNE"
 TUNED_KINDS = ("fwd", "dkv", "dq")
@@ -24,7 +25,7 @@ _cache: dict = {}
 
 
 def block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def uses_fma(dtype: torch.dtype, precision: str) -> bool:

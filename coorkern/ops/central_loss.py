@@ -67,6 +67,7 @@ import triton.language as tl
 from .. import _backend, reference
 from .._checks import check_choice, check_number, check_same_device, check_tensor
 from .._library import define_op
+from ._host import cdiv
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -380,7 +381,7 @@ def _triton_pass(mode, logits, target, landmarks, sigma, r, reduction, radius, g
         t = data = target.contiguous()
     interpreted = x.device.type == "cpu"
     chunk = INTERPRETER_CHUNK if interpreted else CUDA_CHUNK
-    chunks_per_row = triton.cdiv(inner, chunk)
+    chunks_per_row = cdiv(inner, chunk)
     programs = rows * chunks_per_row
     acc_dtype = _compute_dtype(x.dtype)
 

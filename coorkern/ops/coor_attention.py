@@ -70,6 +70,7 @@ from .._library import define_op
 from . import _attention_launch as _launch
 from ._attention_aot import aot_spec, aot_variants  # noqa: F401  (public for AOT builds)
 from ._attention_launch import block_d, launch_config
+from ._host import cdiv
 
 __all__ = ["coor_attention", "CoorAttention"]
 
@@ -570,7 +571,7 @@ def _grid_strides(coords: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _grid(n: int, block: int, batch_heads: int) -> tuple[int]:
     """1-D grid of ``_program``: the row blocks of every (batch, head)."""
-    return (triton.cdiv(n, block) * batch_heads,)
+    return (cdiv(n, block) * batch_heads,)
 
 
 def _sample_tokens(fmap: torch.Tensor, coords: torch.Tensor, align_corners: bool) -> torch.Tensor:
@@ -641,7 +642,7 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     d = a.shape[-1]
     out = torch.empty(a.shape[:-1], device=a.device, dtype=_acc_dtype(a.dtype))
     cfg = launch_config("rowdot", d, a.dtype)
-    _row_dot_kernel[(triton.cdiv(out.numel(), cfg["BLOCK"]),)](
+    _row_dot_kernel[(cdiv(out.numel(), cfg["BLOCK"]),)](
         a, b, out, out.numel(), d, ACC=_tl_acc(a.dtype), BLOCK=cfg["BLOCK"], BLOCK_D=block_d(d),
         num_warps=cfg["num_warps"],
     )
