@@ -389,3 +389,32 @@ def test_a_checkout_without_the_built_extension_says_so(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "is not built: no coorkern/_C extension module" in out.stdout, out.stdout
     assert "circular import" not in out.stdout + out.stderr and "ran True" in out.stdout
+
+
+def _setup_module():
+    """setup.py's namespace without running setup() (setuptools.setup replaced by a no-op)."""
+    import runpy
+    from unittest import mock
+
+    with mock.patch("setuptools.setup"):
+        return runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="coorkern_setup")
+
+
+def test_build_skips_the_cuda_part_with_a_reason(tmp_path, monkeypatch, capsys):
+    """A CPU machine without Triton's CUDA toolchain still builds the library: the AOT step
+    returns nothing (the library is then built from csrc/*.cpp alone) and says why --
+    asked for (COORKERN_NO_AOT_CUDA=1) or failed (here: a triton package that cannot compile)."""
+    generate = _setup_module()["_generate_aot_sources"]
+    monkeypatch.setenv("COORKERN_NO_AOT_CUDA", "1")
+    assert generate(str(tmp_path / "a")) is None
+    assert "COORKERN_NO_AOT_CUDA=1: building the C++ library without the CUDA" in capsys.readouterr().err
+    monkeypatch.delenv("COORKERN_NO_AOT_CUDA")
+    fake = tmp_path / "fake" / "triton"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '0.0'\n")  # no triton.language, no NVIDIA backend
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), ROOT]))
+    monkeypatch.chdir(ROOT)
+    assert generate(str(tmp_path / "b")) is None
+    err = capsys.readouterr().err
+    assert "the CUDA (Triton AOT) kernels were not built, the C++ library gets CPU kernels only" in err
+    assert "triton" in err.split("CPU kernels only", 1)[1]  # the reason, from the generator
