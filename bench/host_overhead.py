@@ -39,9 +39,6 @@ import _common  # noqa: E402
 
 import coorkern  # noqa: E402
 
-ARGS = 24  # about the attention kernels' argument count (pointers, sizes, strides)
-
-
 def host_us(call, device: torch.device, iters: int) -> float:
     """Median over 5 rounds of the host microseconds per ``call()`` (no sync inside a round)."""
     for _ in range(3):
@@ -89,7 +86,7 @@ def _noop_custom_op():
     return noop
 
 
-def rows_for(device: torch.device, iters: int) -> list[tuple[str, object]]:
+def rows_for(device: torch.device) -> list[tuple[str, object]]:
     """(name, call or a reason it does not run) of every row."""
     from coorkern.ops import central_loss as cl
     from coorkern.ops import coor_attention as ca
@@ -113,9 +110,7 @@ def rows_for(device: torch.device, iters: int) -> list[tuple[str, object]]:
     ]
     needs = "needs CUDA"
     if cuda:
-        import triton
-
-        kernel = _empty_kernel()
+        kernel = _empty_kernel()  # 5 pointers + 19 ints: about the attention kernels' argument count
         ptrs = [torch.empty(16, device=device) for _ in range(5)]
         ints = list(range(1, 20))
         rows += [
@@ -123,7 +118,6 @@ def rows_for(device: torch.device, iters: int) -> list[tuple[str, object]]:
             ("  the same through torch.library.wrap_triton",
              lambda: torch.library.wrap_triton(kernel)[(1,)](*ptrs, *ints, BLOCK=16)),
         ]
-        del triton
     else:
         rows += [("empty Triton kernel, 24 args: kernel[grid](...)", needs),
                  ("  the same through torch.library.wrap_triton", needs)]
@@ -172,7 +166,7 @@ def main(argv=None) -> int:
           f"(median of 5 rounds of {args.iters} calls)", flush=True)
     _common.start_table(["layer", "host us per call"])
     table: list[list[str]] = []
-    for name, call in rows_for(device, args.iters):
+    for name, call in rows_for(device):
         if isinstance(call, str):
             _common.add_row(table, [name, call])
             continue
