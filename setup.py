@@ -45,7 +45,7 @@ def _generate_aot_sources(build_temp):
     env = dict(os.environ, TRITON_INTERPRET="0", COORKERN_DISABLE_CPP="1")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its notice
     # No line tables in the embedded cubins/PTX: a third of the size (the library held 95 MB
-    # with them once the attention kernels joined), the same SASS.
+    # with them once the attention kernels joined); only debug information is dropped.
     env.setdefault("TRITON_DISABLE_LINE_INFO", "1")
     proc = subprocess.run([sys.executable, "-m", "coorkern._aot_codegen", out_dir], env=env,
                           capture_output=True, text=True)
