@@ -45,7 +45,7 @@ def stage(name: str, spec: dict, keep_cache: bool = False) -> tuple[Path, str]:
     if not keep_cache:
         shutil.rmtree(where / "mutants", ignore_errors=True)
     where.mkdir(parents=True, exist_ok=True)
-    for folder in ("coorkern", "python_tests"):
+    for folder in ("coorkern", "python_tests", "csrc"):  # csrc: the tests compare the ops' schemas with it
         # Refresh the sources but keep mutmut's mutants/ cache next to them.
         shutil.rmtree(where / folder, ignore_errors=True)
         shutil.copytree(ROOT / folder, where / folder, ignore=shutil.ignore_patterns("__pycache__", "mutants"))
@@ -53,8 +53,8 @@ def stage(name: str, spec: dict, keep_cache: bool = False) -> tuple[Path, str]:
     (where / "pyproject.toml").write_text(
         "[tool.pytest.ini_options]\ntestpaths = [\"python_tests\"]\n\n[tool.mutmut]\n"
         f"source_paths = [\"coorkern\"]\nonly_mutate = {_toml_list([path])}\n"
-        f"also_copy = {_toml_list(['python_tests'])}\n"
-        f"pytest_add_cli_args = {_toml_list(mutmut.get('pytest_add_cli_args', []))}\n"
+        f"also_copy = {_toml_list(['python_tests', 'csrc'])}\n"
+        f"pytest_add_cli_args = {_toml_list(mutmut.get('pytest_add_cli_args', []) + spec.get('pytest_args', []))}\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(spec['tests'])}\n"
         f"timeout_multiplier = {float(mutmut.get('timeout_multiplier', 10.0))}\n"
         f"timeout_constant = {float(mutmut.get('timeout_constant', 30.0))}\n"

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton.language as tl
 
 import coorkern
 from coorkern import reference
@@ -189,14 +191,15 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_target_of_other_float_dtype_is_cast_to_logits_dtype(backend):
-    logits = torch.randn(2, 3, 8, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_of_other_float_dtype_is_cast_to_logits_dtype(backend, dtype):
+    logits = torch.randn(2, 3, 8, 8).to(dtype)
     target = torch.rand(2, 3, 8, 8, dtype=torch.float64)
-    assert not torch.equal(target.float().double(), target)  # the cast changes the values
+    assert not torch.equal(target.to(dtype).double(), target)  # the cast changes the values
     for reduction in REDUCTIONS:
         a = run(backend, coorkern.central_loss, logits, target, reduction=reduction)
-        b = run(backend, coorkern.central_loss, logits, target.float(), reduction=reduction)
-        assert a.dtype == torch.float32 and torch.equal(a, b), reduction
+        b = run(backend, coorkern.central_loss, logits, target.to(dtype), reduction=reduction)
+        assert a.dtype == dtype and torch.equal(a, b), reduction
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -217,8 +220,13 @@ def test_module_wrapper():
     module = coorkern.CentralLoss(r=1.0, reduction="sum")
     assert "r=1.0" in repr(module) and "'sum'" in repr(module)
     torch.testing.assert_close(module(logits, target), coorkern.central_loss(logits, target, 1.0, "sum"))
-    with pytest.raises(ValueError, match="reduction"):
+    default = coorkern.CentralLoss()  # the paper's r = 2, mean
+    assert (default.r, default.reduction) == (2.0, "mean")
+    torch.testing.assert_close(default(logits, target), reference.central_loss(logits, target, 2.0, "mean"))
+    with pytest.raises(ValueError, match="^reduction must be one of"):
         coorkern.CentralLoss(reduction="avg")
+    with pytest.raises(ValueError, match="^r must be >= 0"):
+        coorkern.CentralLoss(r=-0.5)
 
 
 # ---------------------------------------------------------------- landmarks variant
@@ -277,6 +285,20 @@ def test_from_landmarks_equals_tensor_target(backend):
     a = run(backend, coorkern.central_loss_from_landmarks, logits, landmarks, sigma=2.0, radius=5.0, reduction="none")
     b = run(backend, coorkern.central_loss, logits, target, reduction="none")
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_from_landmarks_takes_any_leading_dims(backend):
+    """(L, H, W) heatmaps with (L, 2) landmarks, and (B, S, L, H, W) with (B, S, L, 2), give the
+    loss of the same heatmaps as (B, L, H, W)."""
+    logits = torch.randn(2, 3, 4, 9, 8, dtype=torch.float64)
+    landmarks = landmark_cases(6, 4, 9, 8).view(2, 3, 4, 2)
+    flat = run(backend, coorkern.central_loss_from_landmarks, logits.view(6, 4, 9, 8), landmarks.view(6, 4, 2),
+               reduction="none")
+    nested = run(backend, coorkern.central_loss_from_landmarks, logits, landmarks, reduction="none")
+    torch.testing.assert_close(nested, flat.view(2, 3, 4, 9, 8), rtol=1e-12, atol=1e-14)
+    unbatched = run(backend, coorkern.central_loss_from_landmarks, logits[1, 2], landmarks[1, 2], reduction="none")
+    torch.testing.assert_close(unbatched, flat[5], rtol=1e-12, atol=1e-14)
 
 
 def test_gaussian_heatmaps_reference():
@@ -367,6 +389,66 @@ def test_package_works_without_the_cpp_extension():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fallback_backward_kernels_match_the_cpp_ops(reduction):
+    """The ops' CPU kernels without the C++ extension (autograd of the reference) give the C++
+    backward ops' gradients (float64; the subprocess test above only runs them)."""
+    if not coorkern.cpp_available():
+        pytest.skip("C++ extension not built")
+    logits = torch.randn(2, 3, 9, 8, dtype=torch.float64) * 3
+    target = torch.rand(2, 3, 9, 8, dtype=torch.float64)
+    landmarks = landmark_cases(2, 3, 9, 8)
+    grad_out = torch.rand(logits.shape if reduction == "none" else (), dtype=torch.float64) + 0.5
+    expected = torch.ops.coorkern.central_loss_backward(grad_out, logits, target, 1.5, reduction)
+    torch.testing.assert_close(cl_module._reference_grad(grad_out, logits, target, 1.5, reduction), expected)
+    for radius in (None, 2.5):
+        expected = torch.ops.coorkern.central_loss_from_landmarks_backward(grad_out, logits, landmarks, 1.7, 2.5,
+                                                                          reduction, radius)
+        actual = cl_module._reference_landmarks_grad(grad_out, logits, landmarks, 1.7, 2.5, reduction, radius)
+        torch.testing.assert_close(actual, expected)
+    # (L, H, W) heatmaps: the Gaussians are built on the last two dims.
+    grad_out = grad_out[1] if reduction == "none" else grad_out
+    expected = torch.ops.coorkern.central_loss_from_landmarks_backward(grad_out, logits[1], landmarks[1], 1.7, 2.5,
+                                                                      reduction, None)
+    actual = cl_module._reference_landmarks_grad(grad_out, logits[1], landmarks[1], 1.7, 2.5, reduction, None)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_huge_heatmaps_are_refused_before_any_work():
+    """H x W >= 2^31 overflows the kernels' 32-bit pixel index: refused up front (meta tensors:
+    nothing is allocated, even where the check would let it through)."""
+    for shape in ((1, 32768, 65536), (1, 1, 3, 32768, 65536)):  # exactly 2^31 pixels per map
+        logits = torch.empty(shape, device="meta")
+        with pytest.raises(ValueError, match=r"fewer than 2\^31 pixels, got \(32768, 65536\)$"):
+            coorkern.central_loss_from_landmarks(logits, torch.empty(shape[:-2] + (2,), device="meta"))
+
+
+def test_backend_errors_name_the_op():
+    logits, target = random_inputs((2, 3, 4, 5))
+    landmarks = torch.rand(2, 3, 2) * 4
+    meta = [t.to("meta") for t in (logits, target, landmarks)]
+    with coorkern.backend("cpp"):
+        with pytest.raises(coorkern.BackendUnavailableError, match=r"^coorkern\.central_loss: backend 'cpp'"):
+            coorkern.central_loss(meta[0], meta[1])
+        with pytest.raises(coorkern.BackendUnavailableError,
+                           match=r"^coorkern\.central_loss_from_landmarks: backend 'cpp'"):
+            coorkern.central_loss_from_landmarks(meta[0], meta[2])
+
+
+def test_reference_backend_runs_the_eager_oracle(monkeypatch):
+    """backend("reference") calls coorkern.reference, not a kernel that agrees with it."""
+    calls = []
+    for name in ("central_loss", "central_loss_from_landmarks"):
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    logits, target = random_inputs((2, 3, 4, 5))
+    with coorkern.backend("reference"):
+        coorkern.central_loss(logits, target)
+        assert calls == ["central_loss"]
+        coorkern.central_loss_from_landmarks(logits, torch.rand(2, 3, 2) * 4)
+    assert calls[1] == "central_loss_from_landmarks"  # (which calls central_loss)
+
+
 def test_broken_extension_gives_one_clear_warning():
     code = (
         "import sys, warnings\n"
@@ -394,8 +476,12 @@ def test_cpp_schemas_match_python_schemas():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
-    logits = torch.randn(2, 3, 7, 5, dtype=dtype, requires_grad=True)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(dtype, layout):
+    logits = torch.randn(2, 3, 7, 5, dtype=dtype)
+    if layout == "channels_last":  # the fake kernels must give the real kernels' (contiguous) strides
+        logits = logits.to(memory_format=torch.channels_last)
+    logits.requires_grad_(True)
     target = torch.rand(2, 3, 7, 5, dtype=dtype)
     landmarks = torch.rand(2, 3, 2, dtype=dtype) * 6
     go = torch.rand((), dtype=dtype)
@@ -706,9 +792,91 @@ def test_path_without_triton_op(monkeypatch):
     logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     landmarks = landmark_cases(2, 3, 9, 8)
     target = torch.rand(2, 3, 9, 8, dtype=torch.float64)
-    for fn, ref_fn, data in ((coorkern.central_loss, reference.central_loss, target),
-                             (coorkern.central_loss_from_landmarks, reference.central_loss_from_landmarks, landmarks)):
-        loss, grad = loss_and_grad("triton", fn, logits, data, r=2.5, reduction="mean")
-        ref_loss, ref_grad = oracle(ref_fn, logits, data, r=2.5, reduction="mean")
+    for fn, ref_fn, data, options in (
+            (coorkern.central_loss, reference.central_loss, target, {}),
+            (coorkern.central_loss_from_landmarks, reference.central_loss_from_landmarks, landmarks, {}),
+            (coorkern.central_loss_from_landmarks, reference.central_loss_from_landmarks, landmarks, {"radius": 2.0})):
+        loss, grad = loss_and_grad("triton", fn, logits, data, r=2.5, reduction="mean", **options)
+        ref_loss, ref_grad = oracle(ref_fn, logits, data, r=2.5, reduction="mean", **options)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+
+
+def test_aot_variants_are_the_launches_of_the_jit_path(monkeypatch):
+    """Every ``AOT_VARIANTS`` entry's ``aot_spec`` (what the C++ library's CUDA kernels are compiled
+    with) is what the Python path launches on an sm_90 GPU for the same case: the kernel, its
+    arguments by name, order and type, and every constexpr but the tuned block size.  Meta tensors
+    stand in for CUDA ones (nothing runs)."""
+    launches = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cl_module, "_cuda_kernel", lambda: cl_module._central_loss_kernel)
+    monkeypatch.setattr(cl_module, "_launch", lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta)))
+    checked = 0
+    for variant in cl_module.AOT_VARIANTS:
+        if variant["kernel"] != "central_loss":
+            continue
+        dtype = {"fp32": torch.float32, "fp64": torch.float64}[variant["dtype"]]
+        mode, from_landmarks = variant["mode"], variant["from_landmarks"]
+        side = 8 if variant["fast_row"] else 2049  # H x W below / above FAST_ROW_PIXELS = 2^22
+        x = torch.empty(2, 3, side, side, dtype=dtype, device="meta")
+        data = torch.empty(2, 3, 2, dtype=dtype, device="meta") if from_landmarks else torch.empty_like(x)
+        scalar = variant["grad_out_scalar"] and mode != cl_module._MODE_LOSS_NONE
+        reduction = "sum" if scalar else "none"
+        grad_output = (torch.empty((), dtype=dtype, device="meta") if scalar else torch.empty_like(x))
+        launches.clear()
+        cl_module._triton_pass(mode, x, None if from_landmarks else data, data if from_landmarks else None, 2.0,
+                               2.0 if variant["r_int"] == 2 else 2.5, reduction, 3.0 if from_landmarks else None,
+                               grad_output if mode == cl_module._MODE_GRAD else None)
+        specs = [cl_module.aot_spec(**variant, arch=90)]
+        if mode == cl_module._MODE_LOSS_SUM:
+            specs.append(cl_module.aot_spec("finish_sum", variant["dtype"], 90))
+        assert len(launches) == len(specs), variant
+        for (kernel, args, meta), (fn, signature, constexprs, config, divisible) in zip(launches, specs):
+            assert kernel is fn, variant
+            assert list(signature) == fn.arg_names[:len(signature)] and len(args) == len(signature), variant
+            for (name, ty), value in zip(signature.items(), args):
+                if ty.startswith("*"):
+                    assert isinstance(value, torch.Tensor) and ty == f"*{variant['dtype']}", (variant, name)
+                else:
+                    assert type(value) is {"i32": int, "i64": int, "fp64": float}[ty], (variant, name)
+            assert divisible == [name for name, ty in signature.items() if ty.startswith("*")]
+            expected = {k: v for k, v in constexprs.items() if k != "BLOCK"}
+            if kernel is cl_module._central_loss_kernel and mode != cl_module._MODE_GRAD:
+                del expected["GRAD_OUT_SCALAR"]  # read only by the gradient pass
+            assert {k: meta.get(k) for k in expected} == expected, variant
+            assert (config["num_warps"], config["num_stages"]) == (
+                (cl_module.AOT_CONFIG[1], 3) if kernel is cl_module._central_loss_kernel else (4, 3))
+            checked += 1
+    assert checked == len(cl_module.AOT_VARIANTS) - 2 + sum(
+        v.get("mode") == cl_module._MODE_LOSS_SUM for v in cl_module.AOT_VARIANTS)
+
+
+def test_cpp_cuda_launcher_passes_the_aot_signatures():
+    """csrc/aot/central_loss_cuda.cpp passes the arguments of ``aot_spec``'s signatures, in order
+    and by kind (a pointer as a tensor, i32, i64, fp64): the C++ side of the test above."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "csrc", "aot", "central_loss_cuda.cpp")) as f:
+        source = f.read()
+    kind = {"i32": "i32", "i64": "i64", "fp64": "f64"}
+    for kernel, pattern in (("central_loss", r"aot::launch\(x\.device\(\), kOp, variant, \{[^}]*\},\s*\{(.*?)\}\);"),
+                            ("finish_sum", r"finish_args = \{(.*?)\};")):
+        passed = re.findall(r"aot::Arg::(\w+)\(", re.search(pattern, source, re.S).group(1))
+        _, signature, _, _, _ = cl_module.aot_spec(kernel, "fp32", 90)
+        assert passed == ["tensor" if ty.startswith("*") else kind[ty] for ty in signature.values()], kernel
+
+
+def test_cuda_autotuner_keys_and_pruning():
+    """The CUDA kernel's autotuner (built without a GPU): it tries TUNING_CONFIGS, hand-picked
+    first; its key names every constexpr of the kernel that changes the compiled code but the
+    tuned BLOCK, the fixed CHUNK and ACC (which follows the tensor dtypes); float64 drops the
+    configs above FLOAT64_MAX_BLOCK."""
+    tuned = cl_module._cuda_kernel()
+    assert tuned is cl_module._cuda_kernel() and tuned.fn is cl_module._central_loss_kernel  # built once
+    assert [(c.kwargs["BLOCK"], c.num_warps) for c in tuned.configs] == list(cl_module.TUNING_CONFIGS)
+    arg_names = cl_module._central_loss_kernel.arg_names
+    constexprs = arg_names[arg_names.index("MODE"):]  # the kernel's constexprs follow its tensors and scalars
+    assert sorted(tuned.keys) == sorted(set(constexprs) - {"BLOCK", "CHUNK", "ACC"})
+    for acc, allowed in ((tl.float32, cl_module.TUNING_CONFIGS), (tl.float64, [c for c in cl_module.TUNING_CONFIGS if c[0] <= cl_module.FLOAT64_MAX_BLOCK])):
+        kept = tuned.early_config_prune(tuned.configs, {}, ACC=acc)
+        assert [(c.kwargs["BLOCK"], c.num_warps) for c in kept] == list(allowed)
+        assert cl_module.tuning_configs(acc == tl.float64) == list(allowed)

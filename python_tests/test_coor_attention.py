@@ -788,10 +788,12 @@ def test_launch_counts(monkeypatch, dtype, per_head, deterministic, fwd, bwd):
     assert len(kernels) + len(ops) == bwd, (kernels, ops)
 
 
-def test_cuda_entry_points_enter_the_tensors_device(monkeypatch):
+@pytest.mark.parametrize("sample,align_corners", [("kv", True), ("qk", False)])
+def test_cuda_entry_points_enter_the_tensors_device(monkeypatch, sample, align_corners):
     # Triton launches on the current device: the CUDA kernels of both ops must make the
     # inputs' device current (cuda:1 tensors while cuda:0 is current).  Recorded here with
-    # CPU tensors through the interpreter; the CUDA test runs it on two GPUs.
+    # CPU tensors through the interpreter; the CUDA test runs it on two GPUs.  And they run
+    # the attention asked for (float64 against the oracle).
     entered = []
 
     @contextlib.contextmanager
@@ -800,7 +802,63 @@ def test_cuda_entry_points_enter_the_tensors_device(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "device", device)
-    q, k, v, coords = make_inputs("kv", dtype=torch.float32)
-    out, lse = ca._op_cuda(q, k, v, coords, "kv", 0.25, True)
-    ca._bwd_op_cuda(torch.ones_like(out), q, k, v, coords, out, lse, "kv", 0.25, True)
+    q, k, v, coords = make_inputs(sample, align_corners=align_corners)
+    out, lse = ca._op_cuda(q, k, v, coords, sample, 0.25, align_corners)
+    go = torch.randn_like(out)
+    grads = ca._bwd_op_cuda(go, q, k, v, coords, out, lse, sample, 0.25, align_corners)
     assert entered == [q.device, q.device]
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v, coords)]
+    expected = reference.coor_attention(*inputs, sample=sample, scale=0.25, align_corners=align_corners)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for name, actual, want in zip("qkvc", grads, torch.autograd.grad(expected, inputs, go)):
+        torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("api,legacy,expected", [
+    ({}, "highest", "ieee"),  # torch < 2.9: no fp32_precision anywhere (nor torch.backends.cuda)
+    ({}, "high", "tf32"),
+    ({"cuda": {}}, "highest", "ieee"),  # torch.backends.cuda without matmul
+    ({"cuda": {"matmul": {}}}, "medium", "tf32"),  # matmul without fp32_precision
+    ({"cuda": {"matmul": {"fp32_precision": "none"}}, "fp32_precision": "none"}, "highest", "ieee"),  # not set
+    ({"cuda": {"matmul": {"fp32_precision": None}}}, "high", "tf32"),
+    ({"cuda": {"matmul": {"fp32_precision": "none"}}, "fp32_precision": "ieee"}, "high", "ieee"),  # global only
+    ({"cuda": {"matmul": {"fp32_precision": "none"}}, "fp32_precision": "tf32"}, "highest", "tf32"),
+    ({"cuda": {"matmul": {"fp32_precision": "ieee"}}, "fp32_precision": "tf32"}, "high", "ieee"),  # matmul wins
+    ({"cuda": {"matmul": {"fp32_precision": "tf32"}}}, "highest", "tf32"),
+    ({"cuda": {"matmul": {"fp32_precision": "none"}}}, RuntimeError, "ieee"),  # mixed settings: torch refuses
+])
+def test_fp32_matmul_precision_on_every_torch_api(monkeypatch, api, legacy, expected):
+    """The new API (torch.backends[.cuda.matmul].fp32_precision) where set, else the legacy
+    setting, on torch versions with and without each attribute (a stand-in torch module)."""
+    from types import SimpleNamespace
+
+    def namespace(attrs):
+        return SimpleNamespace(**{k: namespace(v) if isinstance(v, dict) else v for k, v in attrs.items()})
+
+    def get_legacy():
+        if legacy is RuntimeError:
+            raise RuntimeError("mixed legacy and new fp32 precision settings")
+        return legacy
+
+    monkeypatch.setattr(ca, "torch", SimpleNamespace(backends=namespace(api), get_float32_matmul_precision=get_legacy))
+    assert ca.fp32_matmul_precision() == expected
+
+
+@pytest.mark.parametrize("sample,align_corners", [("qk", True), ("kv", False)])
+def test_fallback_kernels_match_the_cpp_ops(sample, align_corners):
+    """The ops' CPU kernels without the C++ extension (the eager reference and its autograd)
+    give the C++ ops' output and gradients; their lse has the C++ lse's shape and dtype (it is
+    not used: the fallback backward recomputes)."""
+    if not coorkern.cpp_available():
+        pytest.skip("C++ extension not built")
+    q, k, v, coords = make_inputs(sample, align_corners=align_corners, per_head=True)
+    out, lse = torch.ops.coorkern.coor_attention(q, k, v, coords, sample, 0.3, align_corners)
+    ref_out, ref_lse = ca._reference_forward(q, k, v, coords, sample, 0.3, align_corners)
+    torch.testing.assert_close(ref_out, out, rtol=1e-10, atol=1e-12)
+    assert (ref_lse.shape, ref_lse.dtype) == (lse.shape, lse.dtype)
+    go = torch.randn_like(out)
+    expected = torch.ops.coorkern.coor_attention_backward(go, q, k, v, coords, out, lse, sample, 0.3, align_corners)
+    actual = ca._reference_backward(go, q, k, v, coords, ref_out, ref_lse, sample, 0.3, align_corners)
+    for name, a, e in zip("qkvc", actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11, msg=name)
+        assert a.is_contiguous(), name

@@ -63,3 +63,18 @@ def test_module_with_scale_and_align_corners_matches_the_explicit_oracle(backend
     with coorkern.backend(backend):
         default = coorkern.CoorAttention(sample=sample)(q, k, v, coords)
     assert (default - out).abs().max() > 1e-3
+
+
+def test_module_defaults_and_bad_options():
+    module = coorkern.CoorAttention()
+    assert (module.sample, module.scale, module.align_corners) == ("qk", None, True)  # the paper's Q/K sampling
+    assert repr(coorkern.CoorAttention(sample="kv", scale=0.5, align_corners=False)).endswith(
+        "(sample='kv', scale=0.5, align_corners=False)")
+    with pytest.raises(ValueError, match=r"^sample must be one of \('qk', 'kv'\), got 'q'"):
+        coorkern.CoorAttention(sample="q")
+    with pytest.raises(TypeError, match="^scale must be a real number, got str"):
+        coorkern.CoorAttention(scale="0.5")
+    with pytest.raises(ValueError, match="^scale must be finite"):
+        coorkern.CoorAttention(scale=float("inf"))
+    with pytest.raises(TypeError, match="^align_corners must be a bool, got int"):
+        coorkern.CoorAttention(align_corners=1)

@@ -288,7 +288,9 @@ def _cuda_kernel():
     global _tuned_kernel
     if _tuned_kernel is None:
         configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in TUNING_CONFIGS]
-        key = ["MODE", "FROM_LANDMARKS", "HAS_RADIUS", "GRAD_OUT_SCALAR", "R_INT", "ARCH"]  # + tensor dtypes
+        # Every constexpr but the tuned BLOCK, the fixed CHUNK and ACC (which follows the tensor
+        # dtypes, part of every autotune key).
+        key = ["MODE", "FROM_LANDMARKS", "HAS_RADIUS", "GRAD_OUT_SCALAR", "R_INT", "FAST_ROW", "ARCH"]
         _tuned_kernel = triton.autotune(configs=configs, key=key,
                                         prune_configs_by={"early_config_prune": _prune_configs})(_central_loss_kernel)
     return _tuned_kernel
@@ -447,17 +449,22 @@ SCHEMAS = {
 }
 
 
-def _reference_grad(grad_output, logits, target, r, reduction):
+def _reference_vjp(loss_fn, grad_output, logits, *args):
+    """grad_output^T d loss_fn(logits, *args) / d logits, by autograd of the eager reference."""
     with torch.enable_grad():
         x = logits.detach().requires_grad_(True)
-        loss = reference.central_loss(x, target, r, reduction)
-        (grad,) = torch.autograd.grad(loss, x, grad_output)
+        (grad,) = torch.autograd.grad(loss_fn(x, *args), x, grad_output)
     return grad
 
 
+def _reference_grad(grad_output, logits, target, r, reduction):
+    return _reference_vjp(reference.central_loss, grad_output, logits, target, r, reduction)
+
+
 def _reference_landmarks_grad(grad_output, logits, landmarks, sigma, r, reduction, radius):
-    target = reference.gaussian_heatmaps(landmarks, logits.shape[-2], logits.shape[-1], sigma, radius)
-    return _reference_grad(grad_output, logits, target.to(logits.dtype), r, reduction)
+    # The backward of the fallback forward below (the target is not rounded to logits' dtype).
+    return _reference_vjp(reference.central_loss_from_landmarks, grad_output, logits, landmarks, sigma, r,
+                          reduction, radius)
 
 
 _cl_op = define_op(SCHEMAS["central_loss"], lambda x, t, r, red: reference.central_loss(x, t, r, red))
@@ -527,14 +534,17 @@ torch.library.register_autograd("coorkern::central_loss", _cl_backward, setup_co
 torch.library.register_autograd("coorkern::central_loss_from_landmarks", _lm_backward, setup_context=_setup_context)
 
 
+# The two triton_op bodies are kept out of mutation testing (bench/mutation.py): torch infers
+# their schema from the annotations, which mutmut's trampoline wrapper cannot resolve.
 def _triton_op_forward(logits: torch.Tensor, data: torch.Tensor, sigma: float, r: float, reduction: str,
-                       radius: Optional[float], from_landmarks: bool) -> torch.Tensor:
+                       radius: Optional[float], from_landmarks: bool) -> torch.Tensor:  # pragma: no mutate block
     target, landmarks = (None, data) if from_landmarks else (data, None)
     return _triton_loss(logits, target, landmarks, sigma, r, reduction, radius)
 
 
 def _triton_op_backward(grad_output: torch.Tensor, logits: torch.Tensor, data: torch.Tensor, sigma: float, r: float,
-                        reduction: str, radius: Optional[float], from_landmarks: bool) -> torch.Tensor:
+                        reduction: str, radius: Optional[float],
+                        from_landmarks: bool) -> torch.Tensor:  # pragma: no mutate block
     target, landmarks = (None, data) if from_landmarks else (data, None)
     return _triton_grad(grad_output, logits, target, landmarks, sigma, r, reduction, radius)
 
