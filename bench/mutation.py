@@ -105,17 +105,24 @@ def run(name: str, spec: dict, children: int, keep_cache: bool = False) -> dict:
 
 
 def write_report(rows: list) -> None:
-    table = ["| module | file | tests | mutants tested | killed (+timeout) | survived | score | minutes |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        c = r["counts"]
-        table.append(f"| {r['module']} | `{r['path']}` | {', '.join(Path(t).name for t in r['tests'])} | "
-                     f"{r['tested']} | {c.get('killed', 0)} (+{c.get('timeout', 0)}) | {c.get('survived', 0)} | "
-                     f"{r['score']:.1f}% | {r['minutes']:.1f} |")
-    block = "\n".join([BEGIN, f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *table, END])
+    """Rewrite the generated table: this run's modules replace their rows, the other rows stay
+    (modules run earlier, possibly on another checkout); a run that tested nothing changes nothing."""
     text = REPORT.read_text() if REPORT.is_file() else "# Mutation score\n\n" + BEGIN + "\n" + END + "\n"
     head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
+    old_block, _, tail = rest.partition(END)
+    lines = {line.split("|")[1].strip(): line for line in old_block.splitlines()
+             if line.startswith("| ") and not line.startswith("| module |")}
+    for r in rows:
+        if not r["tested"]:
+            continue
+        c = r["counts"]
+        lines[r["module"]] = (f"| {r['module']} | `{r['path']}` | {', '.join(Path(t).name for t in r['tests'])} | "
+                              f"{r['tested']} | {c.get('killed', 0)} (+{c.get('timeout', 0)}) | "
+                              f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {r['score']:.1f}% | "
+                              f"{r['minutes']:.1f} |")
+    table = ["| module | file | tests | mutants tested | killed (+timeout) | survived | not covered | score | minutes |",
+             "|---|---|---|---|---|---|---|---|---|", *lines.values()]
+    block = "\n".join([BEGIN, f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *table, END])
     REPORT.write_text(head + block + tail)
 
 
@@ -130,8 +137,10 @@ def main(argv=None) -> None:
     unknown = [m for m in args.modules if m not in known]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; configured: {', '.join(known)}")
+    rows = []
     for name in args.modules or list(known):
         row = run(name, known[name], args.children, args.keep_cache)
+        rows.append(row)
         (ROOT / ".mutation" / name / "result.json").write_text(json.dumps(row, indent=1))
         print(f"{name:15s} {row['path']:32s} tested {row['tested']:4d}  score {row['score']:5.1f}%  "
               f"survived {row['counts'].get('survived', 0):3d}  ({row['minutes']:.1f} min)", flush=True)
@@ -140,8 +149,6 @@ def main(argv=None) -> None:
         if args.survivors:
             for mutant in row["survivors"]:
                 print("   survived:", mutant)
-    # The table holds every module that has a result (this run's and earlier ones).
-    rows = [json.loads(f.read_text()) for name in known if (f := ROOT / ".mutation" / name / "result.json").is_file()]
     write_report(rows)
 
 
