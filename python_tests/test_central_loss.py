@@ -128,6 +128,28 @@ def test_empty_tensors(backend):
             assert loss.shape == logits.shape
         else:
             torch.testing.assert_close(loss, torch.tensor(expected), equal_nan=True)
+    # Empty heatmaps (H = 0) from landmarks: no pixel, so no row either.
+    logits = torch.randn(2, 3, 0, 5)
+    for reduction, expected in (("sum", 0.0), ("mean", float("nan"))):
+        loss, grad = loss_and_grad(backend, coorkern.central_loss_from_landmarks, logits, torch.rand(2, 3, 2),
+                                   reduction=reduction)
+        assert grad.shape == logits.shape
+        torch.testing.assert_close(loss, torch.tensor(expected), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_grad_output_of_the_unreduced_loss(backend):
+    """``loss.sum().backward()`` on reduction="none" hands the backward an expanded (stride-0)
+    gradient; the kernels read it as the full tensor it stands for."""
+    logits, target = random_inputs((2, 3, 9, 8), torch.float64)
+    landmarks = landmark_cases(2, 3, 9, 8)
+    for fn, ref_fn, data in ((coorkern.central_loss, reference.central_loss, target),
+                             (coorkern.central_loss_from_landmarks, reference.central_loss_from_landmarks, landmarks)):
+        x = logits.clone().requires_grad_(True)
+        run(backend, fn, x, data, reduction="none").sum().backward()
+        x64 = logits.clone().requires_grad_(True)
+        ref_fn(x64, data, reduction="none").sum().backward()
+        torch.testing.assert_close(x.grad, x64.grad, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -242,7 +264,7 @@ def landmark_cases(batch=2, num=5, height=23, width=31, dtype=torch.float64):
     return landmarks.to(dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])  # reference: the options reach it
 @pytest.mark.parametrize("radius", [None, 0.0, 4.0])
 @pytest.mark.parametrize("r", [0.0, 1.0, 2.0, 0.5])
 def test_from_landmarks_float64_matches_reference(backend, radius, r):
@@ -833,6 +855,7 @@ def test_aot_variants_are_the_launches_of_the_jit_path(monkeypatch):
         assert len(launches) == len(specs), variant
         for (kernel, args, meta), (fn, signature, constexprs, config, divisible) in zip(launches, specs):
             assert kernel is fn, variant
+            assert all(a.device == x.device for a in args if isinstance(a, torch.Tensor)), variant  # buffers too
             assert list(signature) == fn.arg_names[:len(signature)] and len(args) == len(signature), variant
             for (name, ty), value in zip(signature.items(), args):
                 if ty.startswith("*"):
@@ -880,3 +903,29 @@ def test_cuda_autotuner_keys_and_pruning():
         kept = tuned.early_config_prune(tuned.configs, {}, ACC=acc)
         assert [(c.kwargs["BLOCK"], c.num_warps) for c in kept] == list(allowed)
         assert cl_module.tuning_configs(acc == tl.float64) == list(allowed)
+
+
+def test_cuda_launches_go_through_wrap_triton(monkeypatch):
+    """On CUDA every launch is wrapped by torch.library.wrap_triton (torch.compile then sees the
+    kernels inside the triton_op); the interpreter's CPU launches are not."""
+    wrapped, launched = [], []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append(grid)
+
+    def wrap_triton(kernel):
+        wrapped.append(kernel)
+        return kernel
+
+    monkeypatch.setattr(torch.library, "wrap_triton", wrap_triton)
+    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", True)
+    kernel = Kernel()
+    cuda_tensor = type("CudaTensor", (), {"device": torch.device("cuda", 0)})()
+    cl_module._launch(kernel, (3,), cuda_tensor, 1.0, BLOCK=8)
+    assert wrapped == [kernel] and launched == [(3,)]
+    cl_module._launch(kernel, (5,), torch.zeros(1), 1.0, BLOCK=8)
+    assert wrapped == [kernel] and launched == [(3,), (5,)]
+    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", False)  # torch 2.4/2.5: nothing to wrap with
+    cl_module._launch(kernel, (7,), cuda_tensor, 1.0, BLOCK=8)
+    assert wrapped == [kernel] and launched == [(3,), (5,), (7,)]
