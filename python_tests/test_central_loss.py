@@ -829,8 +829,8 @@ def test_aot_variants_are_the_launches_of_the_jit_path(monkeypatch):
     with) is what the Python path launches on an sm_90 GPU for the same case: the kernel, its
     arguments by name, order and type, and every constexpr but the tuned block size.  Meta tensors
     stand in for CUDA ones (nothing runs)."""
-    launches = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    launches, asked = [], []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (9, 0))
     monkeypatch.setattr(cl_module, "_cuda_kernel", lambda: cl_module._central_loss_kernel)
     monkeypatch.setattr(cl_module, "_launch", lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta)))
     checked = 0
@@ -849,6 +849,7 @@ def test_aot_variants_are_the_launches_of_the_jit_path(monkeypatch):
         cl_module._triton_pass(mode, x, None if from_landmarks else data, data if from_landmarks else None, 2.0,
                                2.0 if variant["r_int"] == 2 else 2.5, reduction, 3.0 if from_landmarks else None,
                                grad_output if mode == cl_module._MODE_GRAD else None)
+        assert asked[-1] == x.device  # the inputs' GPU, not the current one
         specs = [cl_module.aot_spec(**variant, arch=90)]
         if mode == cl_module._MODE_LOSS_SUM:
             specs.append(cl_module.aot_spec("finish_sum", variant["dtype"], 90))
