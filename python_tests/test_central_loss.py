@@ -826,13 +826,15 @@ def test_path_without_triton_op(monkeypatch):
 
 def test_aot_variants_are_the_launches_of_the_jit_path(monkeypatch):
     """Every ``AOT_VARIANTS`` entry's ``aot_spec`` (what the C++ library's CUDA kernels are compiled
-    with) is what the Python path launches on an sm_90 GPU for the same case: the kernel, its
-    arguments by name, order and type, and every constexpr but the tuned block size.  Meta tensors
+    with) is what the Python path launches on a GPU (sm_86 here) for the same case: the kernel, its
+    grid, its arguments by name, order, type and device, and every constexpr but the tuned block
+    size.  Meta tensors
     stand in for CUDA ones (nothing runs)."""
     launches, asked = [], []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (8, 6))
     monkeypatch.setattr(cl_module, "_cuda_kernel", lambda: cl_module._central_loss_kernel)
-    monkeypatch.setattr(cl_module, "_launch", lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta)))
+    monkeypatch.setattr(cl_module, "_launch",
+                        lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta)))
     checked = 0
     for variant in cl_module.AOT_VARIANTS:
         if variant["kernel"] != "central_loss":
@@ -850,11 +852,14 @@ def test_aot_variants_are_the_launches_of_the_jit_path(monkeypatch):
                                2.0 if variant["r_int"] == 2 else 2.5, reduction, 3.0 if from_landmarks else None,
                                grad_output if mode == cl_module._MODE_GRAD else None)
         assert asked[-1] == x.device  # the inputs' GPU, not the current one
-        specs = [cl_module.aot_spec(**variant, arch=90)]
+        specs = [cl_module.aot_spec(**variant, arch=86)]
+        rows = 6 if from_landmarks else 1  # one program per CUDA_CHUNK pixels of each row
+        grids = [(rows * -(-(x.numel() // rows) // cl_module.CUDA_CHUNK),)]
         if mode == cl_module._MODE_LOSS_SUM:
-            specs.append(cl_module.aot_spec("finish_sum", variant["dtype"], 90))
-        assert len(launches) == len(specs), variant
-        for (kernel, args, meta), (fn, signature, constexprs, config, divisible) in zip(launches, specs):
+            specs.append(cl_module.aot_spec("finish_sum", variant["dtype"], 86))
+            grids.append((1,))
+        assert [grid for _, grid, _, _ in launches] == grids, variant
+        for (kernel, _, args, meta), (fn, signature, constexprs, config, divisible) in zip(launches, specs):
             assert kernel is fn, variant
             assert all(a.device == x.device for a in args if isinstance(a, torch.Tensor)), variant  # buffers too
             assert list(signature) == fn.arg_names[:len(signature)] and len(args) == len(signature), variant
