@@ -809,8 +809,12 @@ def test_sass_instructions_per_element():
 
 
 def test_path_without_triton_op(monkeypatch):
-    """torch 2.4/2.5 have no torch.library.triton_op: the autograd.Function path must work."""
+    """torch 2.4/2.5 have no torch.library.triton_op: the autograd.Function path must work (and
+    run the Triton kernels, not the C++ op that would give the same numbers)."""
     monkeypatch.setattr(cl_module, "HAS_TRITON_OP", False)
+    launched = []
+    launch = cl_module._launch
+    monkeypatch.setattr(cl_module, "_launch", lambda kernel, *a, **k: launched.append(kernel) or launch(kernel, *a, **k))
     logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     landmarks = landmark_cases(2, 3, 9, 8)
     target = torch.rand(2, 3, 9, 8, dtype=torch.float64)
@@ -822,6 +826,8 @@ def test_path_without_triton_op(monkeypatch):
         ref_loss, ref_grad = oracle(ref_fn, logits, data, r=2.5, reduction="mean", **options)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+        assert launched, options
+        launched.clear()
 
 
 def test_aot_variants_are_the_launches_of_the_jit_path(monkeypatch):
@@ -935,3 +941,18 @@ def test_cuda_launches_go_through_wrap_triton(monkeypatch):
     monkeypatch.setattr(cl_module, "HAS_TRITON_OP", False)  # torch 2.4/2.5: nothing to wrap with
     cl_module._launch(kernel, (7,), cuda_tensor, 1.0, BLOCK=8)
     assert wrapped == [kernel] and launched == [(3,), (5,), (7,)]
+
+
+def test_cuda_path_without_triton_op_calls_the_registered_ops(monkeypatch):
+    """torch 2.4/2.5 on a GPU: the call goes to torch.ops.coorkern.* (whose CUDA kernels launch
+    the Triton kernels) with every argument; meta tensors stand in for CUDA ones."""
+    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", False)
+    calls = []
+    monkeypatch.setattr(cl_module, "_lm_op", lambda *args: calls.append(("landmarks", args)) or args[0].sum())
+    monkeypatch.setattr(cl_module, "_cl_op", lambda *args: calls.append(("target", args)) or args[0].sum())
+    logits, target = (torch.empty(2, 3, 4, 5, device="meta") for _ in range(2))
+    landmarks = torch.empty(2, 3, 2, device="meta")
+    cl_module._triton_apply(logits, None, landmarks, 1.5, 2.5, "sum", 3.0)
+    cl_module._triton_apply(logits, target, None, 1.0, 0.5, "none", None)
+    assert calls == [("landmarks", (logits, landmarks, 1.5, 2.5, "sum", 3.0)),
+                     ("target", (logits, target, 0.5, "none"))]

@@ -50,3 +50,47 @@ def test_resume_with_augmentation_and_amp_continues_exactly(tmp_path):
     assert torch.load(last, weights_only=True)["best"] == -1.0
     assert torch.load(tmp_path / "b" / "checkpoint_best.pt", weights_only=True)["epoch"] == 0
     assert torch.load(tmp_path / "a" / "checkpoint_best.pt", weights_only=True)["epoch"] in (0, 1)
+
+
+def _checkpoint(path, epoch):
+    from coorkern import _runs
+
+    config = {"model": {"num_landmarks": 3, "base_channels": 4, "transformer": "none", "heads": [1, 1, 1, 1]}}
+    model = _runs.build_model(config["model"])
+    _runs.save_checkpoint(path, model=model, config=config, epoch=epoch)
+    return model
+
+
+def test_best_checkpoint_of_a_run_folder_falls_back_to_the_last_and_maps_devices(tmp_path):
+    from coorkern import _runs
+
+    _checkpoint(tmp_path / "checkpoint_last.pt", epoch=3)
+    ckpt = _runs.load_best_checkpoint(tmp_path)  # no best yet (an interrupted first epoch)
+    assert (ckpt["path"], ckpt["epoch"]) == (str(tmp_path / "checkpoint_last.pt"), 3)
+    model = _checkpoint(tmp_path / "checkpoint_best.pt", epoch=2)
+    ckpt = _runs.load_best_checkpoint(tmp_path, map_location="meta")
+    assert (ckpt["path"], ckpt["epoch"]) == (str(tmp_path / "checkpoint_best.pt"), 2)
+    assert all(t.device.type == "meta" for t in ckpt["model"].values())
+    restored = _runs.model_from_checkpoint(_runs.load_best_checkpoint(tmp_path), device="meta")
+    assert not restored.training and all(p.device.type == "meta" for p in restored.parameters())
+    restored = _runs.model_from_checkpoint(_runs.load_best_checkpoint(tmp_path))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
+
+
+def test_rng_state_restores_the_cuda_generators_where_there_are_some(monkeypatch):
+    from coorkern import _runs
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.arange(4, dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = _runs.rng_state()
+    _runs.set_rng_state(state)
+    assert len(restored) == 1 and restored[0] is state["cuda"]
+    del state["cuda"]  # a checkpoint written without CUDA, resumed on a GPU machine
+    _runs.set_rng_state(state)
+    assert len(restored) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # and the other way round
+    _runs.set_rng_state(dict(state, cuda=[torch.arange(4, dtype=torch.uint8)]))
+    assert len(restored) == 1
