@@ -81,16 +81,47 @@ def test_best_checkpoint_of_a_run_folder_falls_back_to_the_last_and_maps_devices
 def test_rng_state_restores_the_cuda_generators_where_there_are_some(monkeypatch):
     from coorkern import _runs
 
-    restored = []
+    restored, cuda_states = [], [torch.arange(4, dtype=torch.uint8)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.arange(4, dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
     state = _runs.rng_state()
     _runs.set_rng_state(state)
-    assert len(restored) == 1 and restored[0] is state["cuda"]
+    assert len(restored) == 1 and restored[0] is cuda_states
     del state["cuda"]  # a checkpoint written without CUDA, resumed on a GPU machine
     _runs.set_rng_state(state)
     assert len(restored) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # and the other way round
     _runs.set_rng_state(dict(state, cuda=[torch.arange(4, dtype=torch.uint8)]))
     assert len(restored) == 1
+
+
+def test_rng_state_keeps_numpys_cached_gaussian():
+    """NumPy's legacy generator caches the second value of each Gaussian pair: after an odd
+    number of normal draws the state has has_gauss = 1 and the cached value, both restored."""
+    from coorkern import _runs
+
+    np.random.seed(5)
+    np.random.standard_normal(3)
+    state = _runs.rng_state()
+    assert state["numpy"][3] == 1
+    expected = np.random.standard_normal(4)
+    np.random.seed(6)
+    _runs.set_rng_state(state)
+    assert np.array_equal(np.random.standard_normal(4), expected)
+
+
+class _NotATensor:
+    pass
+
+
+def test_update_checkpoint_loads_weights_only(tmp_path):
+    """A checkpoint file holding an arbitrary pickled object is refused, not unpickled."""
+    import pickle
+
+    from coorkern import _runs
+
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save({"format": "coorkern-checkpoint-v1", "payload": _NotATensor()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        _runs.update_checkpoint(path, radii=[1.0])
