@@ -14,6 +14,7 @@ Run it niced in the background on a shared machine, e.g. ``nice -n 15 python ben
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "bench" / "MUTATION.md"
@@ -81,16 +83,14 @@ def _env() -> dict:
                 MKL_NUM_THREADS="1")
 
 
-def run(name: str, spec: dict, children: int, keep_cache: bool = False) -> dict:
+def run(name: str, spec: dict, children: int, keep_cache: bool = False, mutants: Optional[list] = None) -> dict:
     where, path = stage(name, spec, keep_cache)
     start = time.time()
-    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *spec.get("only", [])]
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *(mutants or spec.get("only", []))]
     proc = subprocess.run(cmd, cwd=where, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     status = results(where)
-    if spec.get("only"):
-        import fnmatch
-
-        status = {m: s for m, s in status.items() if any(fnmatch.fnmatch(m, p) for p in spec["only"])}
+    if mutants or spec.get("only"):
+        status = {m: s for m, s in status.items() if any(fnmatch.fnmatch(m, p) for p in mutants or spec["only"])}
     counts: dict[str, int] = {}
     for state in status.values():
         counts[state] = counts.get(state, 0) + 1
@@ -133,15 +133,19 @@ def main(argv=None) -> None:
     parser.add_argument("--children", type=int, default=2, help="parallel mutant workers")
     parser.add_argument("--survivors", action="store_true", help="print the surviving mutants")
     parser.add_argument("--keep-cache", action="store_true", help="reuse mutmut's verdicts from the last run")
+    parser.add_argument("--mutants", nargs="+", metavar="NAME",
+                        help="test only these mutants (names or globs, e.g. the survivors of a run after new "
+                             "tests); the score table is left as it is")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in known]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; configured: {', '.join(known)}")
     rows = []
     for name in args.modules or list(known):
-        row = run(name, known[name], args.children, args.keep_cache)
-        rows.append(row)
-        (ROOT / ".mutation" / name / "result.json").write_text(json.dumps(row, indent=1))
+        row = run(name, known[name], args.children, args.keep_cache, args.mutants)
+        if not args.mutants:
+            rows.append(row)
+        (ROOT / ".mutation" / name / ("rerun.json" if args.mutants else "result.json")).write_text(json.dumps(row, indent=1))
         print(f"{name:15s} {row['path']:32s} tested {row['tested']:4d}  score {row['score']:5.1f}%  "
               f"survived {row['counts'].get('survived', 0):3d}  ({row['minutes']:.1f} min)", flush=True)
         if "error" in row:
