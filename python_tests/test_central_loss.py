@@ -900,11 +900,12 @@ def test_cpp_cuda_launcher_passes_the_aot_signatures():
         assert passed == ["tensor" if ty.startswith("*") else kind[ty] for ty in signature.values()], kernel
 
 
-def test_cuda_autotuner_keys_and_pruning():
+def test_cuda_autotuner_keys_and_pruning(monkeypatch):
     """The CUDA kernel's autotuner (built without a GPU): it tries TUNING_CONFIGS, hand-picked
     first; its key names every constexpr of the kernel that changes the compiled code but the
     tuned BLOCK, the fixed CHUNK and ACC (which follows the tensor dtypes); float64 drops the
     configs above FLOAT64_MAX_BLOCK."""
+    monkeypatch.setattr(cl_module, "_tuned_kernel", None)  # built here, not by an earlier test
     tuned = cl_module._cuda_kernel()
     assert tuned is cl_module._cuda_kernel() and tuned.fn is cl_module._central_loss_kernel  # built once
     assert [(c.kwargs["BLOCK"], c.num_warps) for c in tuned.configs] == list(cl_module.TUNING_CONFIGS)
