@@ -221,11 +221,7 @@ def update_checkpoint(path, **entries) -> Path:
 def build_model(model_config: dict):
     from .models import CoorDetector
 
-    cfg = dict(model_config)
-    for key in ("depths", "heads", "token_strides"):
-        if key in cfg:
-            cfg[key] = tuple(cfg[key])
-    return CoorDetector(**cfg)
+    return CoorDetector(**model_config)  # (lists from JSON are fine: it keeps tuples itself)
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu"):

@@ -1,0 +1,89 @@
+"""The run folder's state helpers (``coorkern._runs``): atomic writes, JSON, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coorkern import _runs
+
+
+def test_atomic_write_goes_through_a_hidden_temporary_file_next_to_the_target(tmp_path, monkeypatch):
+    target = tmp_path / "new" / "nested" / "metrics.json"  # missing parents are created
+    seen = []
+
+    def write(f):
+        seen.extend(target.parent.iterdir())  # the temporary file, while it is written
+        f.write(b"payload")
+
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append((Path(src), Path(dst))) or real_replace(src, dst))
+    old = os.umask(0o027)
+    try:
+        assert _runs.atomic_write(target, write) == target
+    finally:
+        os.umask(old)
+    (tmp,) = seen
+    assert replaced == [(tmp, target)]
+    assert tmp.parent == target.parent and tmp.name.startswith(".metrics.json.") and tmp.name.endswith(".tmp")
+    assert target.read_bytes() == b"payload" and not tmp.exists()
+    assert target.stat().st_mode & 0o777 == 0o640  # a normal file's mode under the umask, not mkstemp's 0600
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "checkpoint_last.pt"
+    target.write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        _runs.atomic_write(target, fail)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]
+
+
+def test_write_json_is_indented_in_insertion_order_and_converts_tensors_paths_and_numpy(tmp_path):
+    path = _runs.write_json(tmp_path / "m.json", {"zeta": (1, 2), "alpha": {"t": torch.tensor([0.5, 1.5]),
+                                                                         "p": Path("/a/b"), "n": np.float32(0.25)}})
+    assert path.read_text() == (
+        '{\n  "zeta": [\n    1,\n    2\n  ],\n  "alpha": {\n    "t": [\n      0.5,\n      1.5\n    ],\n'
+        '    "p": "/a/b",\n    "n": 0.25\n  }\n}\n')
+    with pytest.raises(TypeError, match="not JSON serializable: object"):
+        _runs.write_json(tmp_path / "x.json", {"x": object()})
+
+
+def _config(**model):
+    return {"model": {"num_landmarks": 2, "base_channels": 4, "transformer": "none", **model},
+            "root": Path("/data/isbi"), "image_size": (64, 48)}
+
+
+class _Wrapper(torch.nn.Module):
+    """What DistributedDataParallel looks like to save_checkpoint: the model under ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_checkpoint_holds_the_bare_model_its_config_and_the_training_state(tmp_path):
+    model = _runs.build_model(_config()["model"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    for name, wrapped in (("ddp", _Wrapper(model)), ("compiled", torch.compile(model)),
+                          ("both", _Wrapper(torch.compile(model)))):
+        path = _runs.save_checkpoint(tmp_path / f"{name}.pt", model=wrapped, config=_config(), epoch=4,
+                                     optimizer=optimizer, scaler=scaler, extra={"best": 0.5})
+        ckpt = _runs.load_checkpoint(path)
+        assert list(ckpt["model"]) == list(model.state_dict()), name  # no "module." / "_orig_mod." prefixes
+        assert ckpt["model_config"] == _config()["model"] and ckpt["epoch"] == 4 and ckpt["best"] == 0.5
+        assert ckpt["config"]["root"] == "/data/isbi" and ckpt["config"]["image_size"] == [64, 48]
+        assert ckpt["scaler"]["scale"] == 64.0 and ckpt["optimizer"]["param_groups"][0]["lr"] == 0.1
+    restored = _runs.model_from_checkpoint(ckpt)
+    assert restored.depths == model.depths and isinstance(restored.depths, tuple)  # JSON lists come back as tuples
