@@ -74,8 +74,6 @@ def _json_default(value):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, tuple):
-        return list(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 

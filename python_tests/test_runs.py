@@ -87,3 +87,22 @@ def test_checkpoint_holds_the_bare_model_its_config_and_the_training_state(tmp_p
         assert ckpt["scaler"]["scale"] == 64.0 and ckpt["optimizer"]["param_groups"][0]["lr"] == 0.1
     restored = _runs.model_from_checkpoint(ckpt)
     assert restored.depths == model.depths and isinstance(restored.depths, tuple)  # JSON lists come back as tuples
+
+
+def test_load_checkpoint_of_a_run_folder_takes_the_last_then_the_best(tmp_path):
+    model = _runs.build_model(_config()["model"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint_last.pt or checkpoint_best.pt in this folder"):
+        _runs.load_checkpoint(tmp_path)
+    _runs.save_checkpoint(tmp_path / "checkpoint_best.pt", model=model, config=_config(), epoch=1)
+    assert _runs.load_checkpoint(tmp_path)["path"] == str(tmp_path / "checkpoint_best.pt")
+    _runs.save_checkpoint(tmp_path / "checkpoint_last.pt", model=model, config=_config(), epoch=2)
+    ckpt = _runs.load_checkpoint(tmp_path)  # --resume continues from the last epoch
+    assert (ckpt["path"], ckpt["epoch"]) == (str(tmp_path / "checkpoint_last.pt"), 2)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        _runs.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable coorkern checkpoint"):
+        _runs.load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="missing format tag"):
+        _runs.load_checkpoint(tmp_path / "foreign.pt")
