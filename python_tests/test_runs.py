@@ -24,7 +24,7 @@ def test_atomic_write_goes_through_a_hidden_temporary_file_next_to_the_target(tm
     replaced = []
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append((Path(src), Path(dst))) or real_replace(src, dst))
-    old = os.umask(0o027)
+    old = os.umask(0o022)
     try:
         assert _runs.atomic_write(target, write) == target
     finally:
@@ -33,7 +33,7 @@ def test_atomic_write_goes_through_a_hidden_temporary_file_next_to_the_target(tm
     assert replaced == [(tmp, target)]
     assert tmp.parent == target.parent and tmp.name.startswith(".metrics.json.") and tmp.name.endswith(".tmp")
     assert target.read_bytes() == b"payload" and not tmp.exists()
-    assert target.stat().st_mode & 0o777 == 0o640  # a normal file's mode under the umask, not mkstemp's 0600
+    assert target.stat().st_mode & 0o777 == 0o644  # a normal file's mode under the umask, not mkstemp's 0600
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
