@@ -153,7 +153,8 @@ def main(argv=None) -> None:
         if args.survivors:
             for mutant in row["survivors"]:
                 print("   survived:", mutant)
-    write_report(rows)
+    if rows:  # a --mutants rerun leaves the table as it is
+        write_report(rows)
 
 
 if __name__ == "__main__":
