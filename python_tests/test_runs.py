@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,12 @@ def _config(**model):
             "root": Path("/data/isbi"), "image_size": (64, 48)}
 
 
+def _checkpoint(path, epoch):
+    model = _runs.build_model(_config()["model"])
+    _runs.save_checkpoint(path, model=model, config=_config(), epoch=epoch)
+    return model
+
+
 class _Wrapper(torch.nn.Module):
     """What DistributedDataParallel looks like to save_checkpoint: the model under ``.module``."""
 
@@ -90,12 +97,11 @@ def test_checkpoint_holds_the_bare_model_its_config_and_the_training_state(tmp_p
 
 
 def test_load_checkpoint_of_a_run_folder_takes_the_last_then_the_best(tmp_path):
-    model = _runs.build_model(_config()["model"])
     with pytest.raises(FileNotFoundError, match="no checkpoint_last.pt or checkpoint_best.pt in this folder"):
         _runs.load_checkpoint(tmp_path)
-    _runs.save_checkpoint(tmp_path / "checkpoint_best.pt", model=model, config=_config(), epoch=1)
+    _checkpoint(tmp_path / "checkpoint_best.pt", epoch=1)
     assert _runs.load_checkpoint(tmp_path)["path"] == str(tmp_path / "checkpoint_best.pt")
-    _runs.save_checkpoint(tmp_path / "checkpoint_last.pt", model=model, config=_config(), epoch=2)
+    _checkpoint(tmp_path / "checkpoint_last.pt", epoch=2)
     ckpt = _runs.load_checkpoint(tmp_path)  # --resume continues from the last epoch
     assert (ckpt["path"], ckpt["epoch"]) == (str(tmp_path / "checkpoint_last.pt"), 2)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
@@ -106,3 +112,59 @@ def test_load_checkpoint_of_a_run_folder_takes_the_last_then_the_best(tmp_path):
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="missing format tag"):
         _runs.load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_best_checkpoint_of_a_run_folder_falls_back_to_the_last_and_maps_devices(tmp_path):
+    _checkpoint(tmp_path / "checkpoint_last.pt", epoch=3)
+    ckpt = _runs.load_best_checkpoint(tmp_path)  # no best yet (an interrupted first epoch)
+    assert (ckpt["path"], ckpt["epoch"]) == (str(tmp_path / "checkpoint_last.pt"), 3)
+    model = _checkpoint(tmp_path / "checkpoint_best.pt", epoch=2)
+    ckpt = _runs.load_best_checkpoint(tmp_path, map_location="meta")
+    assert (ckpt["path"], ckpt["epoch"]) == (str(tmp_path / "checkpoint_best.pt"), 2)
+    assert all(t.device.type == "meta" for t in ckpt["model"].values())
+    restored = _runs.model_from_checkpoint(_runs.load_best_checkpoint(tmp_path), device="meta")
+    assert not restored.training and all(p.device.type == "meta" for p in restored.parameters())
+    restored = _runs.model_from_checkpoint(_runs.load_best_checkpoint(tmp_path))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
+
+
+def test_rng_state_restores_the_cuda_generators_where_there_are_some(monkeypatch):
+    restored, cuda_states = [], [torch.arange(4, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = _runs.rng_state()
+    _runs.set_rng_state(state)
+    assert len(restored) == 1 and restored[0] is cuda_states
+    del state["cuda"]  # a checkpoint written without CUDA, resumed on a GPU machine
+    _runs.set_rng_state(state)
+    assert len(restored) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # and the other way round
+    _runs.set_rng_state(dict(state, cuda=[torch.arange(4, dtype=torch.uint8)]))
+    assert len(restored) == 1
+
+
+def test_rng_state_keeps_numpys_cached_gaussian():
+    """NumPy's legacy generator caches the second value of each Gaussian pair: after an odd
+    number of normal draws the state has has_gauss = 1 and the cached value, both restored."""
+    np.random.seed(5)
+    np.random.standard_normal(3)
+    state = _runs.rng_state()
+    assert state["numpy"][3] == 1
+    expected = np.random.standard_normal(4)
+    np.random.seed(6)
+    _runs.set_rng_state(state)
+    assert np.array_equal(np.random.standard_normal(4), expected)
+
+
+class _NotATensor:
+    pass
+
+
+def test_update_checkpoint_loads_weights_only(tmp_path):
+    """A checkpoint file holding an arbitrary pickled object is refused, not unpickled."""
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save({"format": "coorkern-checkpoint-v1", "payload": _NotATensor()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        _runs.update_checkpoint(path, radii=[1.0])
