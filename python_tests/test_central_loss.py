@@ -918,32 +918,6 @@ def test_cuda_autotuner_keys_and_pruning(monkeypatch):
         assert cl_module.tuning_configs(acc == tl.float64) == list(allowed)
 
 
-def test_cuda_launches_go_through_wrap_triton(monkeypatch):
-    """On CUDA every launch is wrapped by torch.library.wrap_triton (torch.compile then sees the
-    kernels inside the triton_op); the interpreter's CPU launches are not."""
-    wrapped, launched = [], []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **meta: launched.append(grid)
-
-    def wrap_triton(kernel):
-        wrapped.append(kernel)
-        return kernel
-
-    monkeypatch.setattr(torch.library, "wrap_triton", wrap_triton)
-    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", True)
-    kernel = Kernel()
-    cuda_tensor = type("CudaTensor", (), {"device": torch.device("cuda", 0)})()
-    cl_module._launch(kernel, (3,), cuda_tensor, 1.0, BLOCK=8)
-    assert wrapped == [kernel] and launched == [(3,)]
-    cl_module._launch(kernel, (5,), torch.zeros(1), 1.0, BLOCK=8)
-    assert wrapped == [kernel] and launched == [(3,), (5,)]
-    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", False)  # torch 2.4/2.5: nothing to wrap with
-    cl_module._launch(kernel, (7,), cuda_tensor, 1.0, BLOCK=8)
-    assert wrapped == [kernel] and launched == [(3,), (5,), (7,)]
-
-
 def test_cuda_path_without_triton_op_calls_the_registered_ops(monkeypatch):
     """torch 2.4/2.5 on a GPU: the call goes to torch.ops.coorkern.* (whose CUDA kernels launch
     the Triton kernels) with every argument; meta tensors stand in for CUDA ones."""

@@ -750,9 +750,17 @@ def _count_launches(monkeypatch, fn):
         ops: list = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ not in free:
-                Ops.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            impl = {"coor_attention_triton": ca._triton_op_forward,
+                    "coor_attention_triton_backward": ca._triton_op_backward}.get(name)
+            if func.namespace == "coorkern" and impl is not None:
+                with self:  # count what the triton_op's implementation runs, not the op itself
+                    return impl(*args, **(kwargs or {}))
+            result = func(*args, **(kwargs or {}))
+            # (Inside the triton_op, "to" reaches the mode undecomposed; a no-op one returns self.)
+            if name not in free and not (name == "to" and result is args[0]):
+                Ops.ops.append(name)
+            return result
 
     Ops.ops = []
     with Ops():
@@ -794,24 +802,39 @@ def test_cuda_entry_points_enter_the_tensors_device(monkeypatch, sample, align_c
     # inputs' device current (cuda:1 tensors while cuda:0 is current).  Recorded here with
     # CPU tensors through the interpreter; the CUDA test runs it on two GPUs.  And they run
     # the attention asked for (float64 against the oracle).
+    # The opaque ops' CUDA kernels and the triton_op bodies alike.
     entered = []
 
     @contextlib.contextmanager
-    def device(dev):
-        entered.append(torch.device(dev))
+    def guard(tensor):
+        entered.append(tensor.device)
         yield
 
-    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(ca, "device_guard", guard)
     q, k, v, coords = make_inputs(sample, align_corners=align_corners)
-    out, lse = ca._op_cuda(q, k, v, coords, sample, 0.25, align_corners)
-    go = torch.randn_like(out)
-    grads = ca._bwd_op_cuda(go, q, k, v, coords, out, lse, sample, 0.25, align_corners)
-    assert entered == [q.device, q.device]
     inputs = [t.detach().requires_grad_(True) for t in (q, k, v, coords)]
     expected = reference.coor_attention(*inputs, sample=sample, scale=0.25, align_corners=align_corners)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
-    for name, actual, want in zip("qkvc", grads, torch.autograd.grad(expected, inputs, go)):
-        torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-11, msg=name)
+    for forward, backward in ((ca._op_cuda, ca._bwd_op_cuda), (ca._triton_op_forward, ca._triton_op_backward)):
+        entered.clear()
+        out, lse = forward(q, k, v, coords, sample, 0.25, align_corners)
+        go = torch.randn_like(out)
+        grads = backward(go, q, k, v, coords, out, lse, sample, 0.25, align_corners)
+        assert entered == [q.device, q.device]
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+        for name, actual, want in zip("qkvc", grads, torch.autograd.grad(expected, inputs, go, retain_graph=True)):
+            torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_device_guard_enters_cuda_devices_only(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: entered.append(dev) or contextlib.nullcontext())
+    with ca.device_guard(torch.zeros(1)):
+        pass
+    assert entered == []
+    cuda_tensor = type("CudaTensor", (), {"device": torch.device("cuda", 1)})()
+    with ca.device_guard(cuda_tensor):
+        pass
+    assert entered == [torch.device("cuda", 1)]
 
 
 @pytest.mark.parametrize("api,legacy,expected", [
@@ -862,3 +885,126 @@ def test_fallback_kernels_match_the_cpp_ops(sample, align_corners):
     for name, a, e in zip("qkvc", actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11, msg=name)
         assert a.is_contiguous(), name
+
+
+# ---------------------------------------------------------------------------
+# torch.library.triton_op path (issue 13 item 9): the Python API's way to the Triton kernels
+
+
+def _oracle_and_grads(q, k, v, coords, go, sample, scale, align_corners):
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v, coords)]
+    out = reference.coor_attention(*inputs, sample=sample, scale=scale, align_corners=align_corners)
+    return out, torch.autograd.grad(out, inputs, go)
+
+
+@pytest.mark.skipif(not ca.HAS_TRITON_OP, reason="torch.library.triton_op needs torch >= 2.6")
+@pytest.mark.parametrize("sample,per_head", [("qk", False), ("kv", True)])
+def test_triton_op_schema_autograd_and_values(sample, per_head):
+    """coorkern::coor_attention_triton[_backward] have the opaque ops' schemas, run the kernels
+    (interpreter), mark lse non-differentiable and give the oracle's values and gradients."""
+    for name, op in (("coor_attention", torch.ops.coorkern.coor_attention_triton),
+                     ("coor_attention_backward", torch.ops.coorkern.coor_attention_triton_backward)):
+        assert str(op.default._schema).split("(", 1)[1] == ca.SCHEMAS[name].split("(", 1)[1]  # arguments, returns
+    q, k, v, coords = (t.requires_grad_(True) for t in make_inputs(sample, per_head=per_head, n=9, nq=6))
+    launched = []
+    with _spied_launches(launched):
+        out, lse = torch.ops.coorkern.coor_attention_triton(q, k, v, coords, sample, 0.3, False)
+    assert out.requires_grad and not lse.requires_grad
+    go = torch.randn_like(out)
+    with _spied_launches(launched):
+        grads = torch.autograd.grad(out, (q, k, v, coords), go, retain_graph=True)
+    assert "_attn_fwd_kernel" in launched and "_attn_bwd_dq_kernel" in launched
+    expected, expected_grads = _oracle_and_grads(q, k, v, coords, go, sample, 0.3, False)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for label, actual, want in zip("qkvc", grads, expected_grads):
+        torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-11, msg=label)
+    # Only the saved lse is non-differentiable: a loss on out alone needs no grad of it.
+    assert torch.autograd.grad(out.sum(), q)[0].shape == q.shape
+
+
+@contextlib.contextmanager
+def _spied_launches(names):
+    launch = ca._launch_triton
+
+    def spy(kernel, grid, *args, **meta):
+        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+        return launch(kernel, grid, *args, **meta)
+
+    ca._launch_triton = spy
+    try:
+        yield
+    finally:
+        ca._launch_triton = launch
+
+
+@pytest.mark.parametrize("has_triton_op", [True, False])
+def test_python_api_reaches_the_kernels_through_the_triton_op(monkeypatch, has_triton_op):
+    """With triton_op (torch >= 2.6) the API calls coorkern::coor_attention_triton; without it
+    (torch 2.4/2.5) the interpreter's autograd.Function -- the Triton kernels either way."""
+    if has_triton_op and not ca.HAS_TRITON_OP:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6")
+    monkeypatch.setattr(ca, "HAS_TRITON_OP", has_triton_op)
+    called = []
+    op = getattr(ca, "_triton_fwd_op", None)
+    if has_triton_op:
+        monkeypatch.setattr(ca, "_triton_fwd_op", lambda *a: called.append("triton_op") or op(*a))
+    apply = ca._TritonOnCPU.apply
+    monkeypatch.setattr(ca._TritonOnCPU, "apply", lambda *a: called.append("function") or apply(*a))
+    q, k, v, coords = (t.requires_grad_(True) for t in make_inputs("qk", n=6))
+    launched = []
+    with coorkern.backend("triton"), _spied_launches(launched):
+        out = coorkern.coor_attention(q, k, v, coords, sample="qk", scale=0.5)
+        grads = torch.autograd.grad(out, (q, k, v, coords), torch.ones_like(out))
+    assert called == (["triton_op"] if has_triton_op else ["function"])
+    assert {"_sample_kernel", "_attn_fwd_kernel", "_attn_bwd_dkv_kernel", "_scatter_kernel"} <= set(launched)
+    expected, expected_grads = _oracle_and_grads(q, k, v, coords, torch.ones_like(out), "qk", 0.5, True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for label, actual, want in zip("qkvc", grads, expected_grads):
+        torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-11, msg=label)
+
+
+def test_cuda_path_without_triton_op_calls_the_registered_op(monkeypatch):
+    """torch 2.4/2.5 on a GPU: coorkern::coor_attention (whose CUDA kernel launches the Triton
+    kernels) gets every argument; meta tensors stand in for CUDA ones."""
+    monkeypatch.setattr(ca, "HAS_TRITON_OP", False)
+    calls = []
+    monkeypatch.setattr(ca, "_op", lambda *args: calls.append(args) or (args[0], args[0]))
+    q, k, v, coords = (t.to("meta") for t in make_inputs("kv"))
+    ca._triton_apply(q, k, v, coords, "kv", 0.7, False)
+    assert calls == [(q, k, v, coords, "kv", 0.7, False)]
+
+
+def test_kernel_layout_reads_alignment_without_a_data_pointer():
+    """The triton_op is traced with fake tensors (no data pointer): alignment comes from the
+    storage offset -- 16-byte aligned views are kept, others copied."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    base = torch.randn(3, 40, 16)
+    assert ca._kernel_layout(base[1:]) is base[1:] or ca._kernel_layout(base[1:]).data_ptr() == base[1:].data_ptr()
+    shifted = base.view(-1)[1:1 + 2 * 40 * 16].view(2, 40, 16)  # contiguous, 4 bytes off alignment
+    copy = ca._kernel_layout(shifted)
+    assert shifted.data_ptr() % 16 and copy.data_ptr() % 16 == 0 and torch.equal(copy, shifted)
+    narrow = base[:, :, :8]  # unit channel stride, but a row stride of 16 elements is kept...
+    assert ca._kernel_layout(narrow).data_ptr() == narrow.data_ptr()
+    odd = torch.randn(3, 40, 12)[:, :, :8]  # ...and one of 12 copied
+    assert ca._kernel_layout(odd).stride() == (320, 8, 1)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(base)
+        assert ca._kernel_layout(fake[1:]).storage_offset() == 640
+        assert ca._kernel_layout(fake.view(-1)[1:1 + 640].view(1, 40, 16)).storage_offset() == 0
+
+
+def test_no_autotuning_while_traced(monkeypatch):
+    """Under torch.compile / export the launches see fake tensors: nothing can be timed, so
+    autotuning is off there (the graph keeps the cached or hand-picked config)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(ca._launch._backend, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv(ca._launch.AUTOTUNE_ENV, raising=False)
+    cuda = torch.device("cuda", 0)
+    assert not ca._launch.tracing() and ca._launch.autotune_allowed(cuda)
+    with FakeTensorMode():
+        assert ca._launch.tracing() and not ca._launch.autotune_allowed(cuda)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not ca._launch.autotune_allowed(cuda)

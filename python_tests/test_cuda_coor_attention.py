@@ -316,16 +316,50 @@ def test_auto_runs_grid_sample_sdpa_except_fp64_and_deterministic(cuda_device, s
 # torch.library, torch.compile
 
 
+@pytest.mark.parametrize("op", ["coor_attention", "coor_attention_triton"])
 @pytest.mark.parametrize("sample", ["qk", "kv"])
-def test_opcheck(cuda_device, sample):
+def test_opcheck(cuda_device, sample, op):
+    # coor_attention: the registered CUDA kernel (dispatcher callers); coor_attention_triton:
+    # the triton_op the Python API takes for the Triton kernels with torch >= 2.6.
+    if op.endswith("_triton") and not ca.HAS_TRITON_OP:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6")
+    forward = getattr(torch.ops.coorkern, op)
+    backward = getattr(torch.ops.coorkern, op + "_backward")
     q, k, v, coords = (t.requires_grad_(True) for t in make_inputs(cuda_device, sample, n=17, d=16))
     args = (q, k, v, coords, sample, 0.25, True)
-    torch.library.opcheck(torch.ops.coorkern.coor_attention.default, args)
-    out, lse = torch.ops.coorkern.coor_attention(*args)
-    assert not lse.requires_grad  # saved state, marked non-differentiable
+    torch.library.opcheck(forward.default, args)
+    out, lse = forward(*args)
+    assert out.requires_grad and not lse.requires_grad  # lse: saved state, marked non-differentiable
     bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), coords.detach(), out.detach(),
            lse.detach(), sample, 0.25, True)
-    torch.library.opcheck(torch.ops.coorkern.coor_attention_backward.default, bwd)
+    torch.library.opcheck(backward.default, bwd)
+
+
+@pytest.mark.skipif(not ca.HAS_TRITON_OP, reason="torch.library.triton_op needs torch >= 2.6")
+def test_inductor_sees_the_triton_kernels(cuda_device):
+    # Issue 13 item 9: under torch.compile the forced Triton path is not an opaque op: the
+    # generated code launches the kernels themselves, forward and backward.
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    inputs = [t.requires_grad_(True) for t in make_inputs(cuda_device, "qk", dtype=torch.bfloat16)]
+
+    def forward(q, k, v, coords):
+        return coorkern.coor_attention(q, k, v, coords, sample="qk")
+
+    def step(fn):  # forward and backward (AOTAutograd compiles the backward at its first call)
+        return torch.autograd.grad(fn(*inputs).float().square().sum(), inputs)
+
+    with coorkern.backend("triton"):
+        grads, code = run_and_get_code(step, torch.compile(forward, fullgraph=True))
+        expected = step(forward)
+    source = "\n".join(code)
+    for kernel in ("_sample_kernel", "_attn_fwd_kernel", "_attn_bwd_dkv_kernel", "_attn_bwd_dq_kernel",
+                   "_scatter_kernel"):
+        assert kernel in source, kernel
+    assert "torch.ops.coorkern.coor_attention_triton" not in source  # decomposed, not an opaque call
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])

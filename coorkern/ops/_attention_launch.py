@@ -128,10 +128,18 @@ def n_bucket(n: int) -> int:
     return bucket
 
 
+def tracing() -> bool:
+    """Whether the launches are being traced (torch.compile / export of the triton_op, with fake
+    tensors): there is nothing to time then, and the traced graph keeps the config chosen."""
+    from torch._guards import detect_fake_mode
+
+    return torch.compiler.is_compiling() or detect_fake_mode() is not None
+
+
 def autotune_allowed(device: torch.device) -> bool:
     return (device.type == "cuda" and not _backend.triton_interpreter_enabled()
             and os.environ.get(AUTOTUNE_ENV, "1") != "0" and not torch.are_deterministic_algorithms_enabled()
-            and not torch.cuda.is_current_stream_capturing())
+            and not torch.cuda.is_current_stream_capturing() and not tracing())
 
 
 def pick(kind: str, d: int, dtype: torch.dtype, precision: str, n: int, device: torch.device,

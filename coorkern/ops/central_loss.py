@@ -57,7 +57,6 @@ triton 3.7.1 the "after" counts are 80.5 / 85.0 / 59.5 / 68.0 on sm_80 and 80.5 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -67,7 +66,7 @@ import triton.language as tl
 from .. import _backend, reference
 from .._checks import check_choice, check_number, check_same_device, check_tensor
 from .._library import define_op
-from ._host import cdiv
+from ._host import HAS_TRITON_OP, cdiv, device_guard, launchable
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -296,22 +295,12 @@ def _cuda_kernel():
     return _tuned_kernel
 
 
-# torch.library.triton_op / wrap_triton (torch >= 2.6): the CUDA kernels become visible to
-# torch.compile/Inductor and torch.export (AOTInductor embeds them).  Older torch keeps the
-# opaque register_kernel path below.
-HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-
-
 def _launch(kernel, grid, *args, **meta):
     """Every kernel launch of this module goes through here (tests count them)."""
-    if HAS_TRITON_OP and args[0].device.type == "cuda":  # the interpreter's kernels are not wrappable
-        kernel = torch.library.wrap_triton(kernel)
-    kernel[grid](*args, **meta)
+    launchable(kernel, args[0].device, HAS_TRITON_OP)[grid](*args, **meta)
 
 
-def _device_guard(tensor: torch.Tensor):
-    """Launch on the tensors' device (and its current stream), not the current device."""
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+_device_guard = device_guard  # a module global: tests replace it
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -48,6 +48,11 @@ Numerics: fp32 accumulation everywhere; exp2 with the scale folded into log2 e i
 float64 (the interpreter's gradcheck) uses exp/log and a two-float scale so that results
 match the float64 oracle to ~1e-15.
 
+With torch >= 2.6 the Python API reaches these kernels through the ``torch.library.triton_op``
+ops ``coorkern::coor_attention_triton[_backward]`` (launches wrapped by ``wrap_triton``, no
+autotuning while traced), which torch.compile/Inductor and torch.export see into; the
+C++-schema ops below keep an opaque CUDA kernel for dispatcher callers and torch 2.4/2.5.
+
 CPU tensors normally run the C++ op (``csrc/coor_attention.cpp``: a hand-written kernel
 with the sampling fused into the tiles where it measured faster, ATen's grid sampler + CPU
 flash attention otherwise); ``torch.ops.coorkern.coor_attention`` returns ``(out, lse)`` and
@@ -70,7 +75,7 @@ from .._library import define_op
 from . import _attention_launch as _launch
 from ._attention_aot import aot_spec, aot_variants  # noqa: F401  (public for AOT builds)
 from ._attention_launch import block_d, launch_config
-from ._host import cdiv
+from ._host import HAS_TRITON_OP, cdiv, device_guard, launchable
 
 __all__ = ["coor_attention", "CoorAttention"]
 
@@ -574,13 +579,20 @@ def _grid(n: int, block: int, batch_heads: int) -> tuple[int]:
     return (cdiv(n, block) * batch_heads,)
 
 
+def _launch_triton(kernel, grid, *args, **meta):
+    """Every kernel launch of this module goes through here: through ``wrap_triton`` on CUDA
+    (inside the triton_op, torch.compile sees the kernels), plainly under the interpreter."""
+    launchable(kernel, args[0].device, HAS_TRITON_OP)[grid](*args, **meta)
+
+
 def _sample_tokens(fmap: torch.Tensor, coords: torch.Tensor, align_corners: bool) -> torch.Tensor:
     """Pre-pass: sample a (B, heads, H, W, d) map at coords -> contiguous (B, heads, N, d)."""
     batch, heads, height, width, d = fmap.shape
     n = coords.shape[-2]
     out = torch.empty((batch, heads, n, d), device=fmap.device, dtype=fmap.dtype)
     cfg = launch_config("sample", d, fmap.dtype)
-    _sample_kernel[_grid(n, cfg["BLOCK"], batch * heads)](
+    _launch_triton(
+        _sample_kernel, _grid(n, cfg["BLOCK"], batch * heads),
         fmap, coords, out, heads, n, height, width, d, *fmap.stride(), *_grid_strides(coords),
         ALIGN=align_corners, ACC=_tl_acc(fmap.dtype), BLOCK=cfg["BLOCK"], BLOCK_D=block_d(d),
         num_warps=cfg["num_warps"],
@@ -591,9 +603,12 @@ def _sample_tokens(fmap: torch.Tensor, coords: torch.Tensor, align_corners: bool
 def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when the launcher will specialize it as 16-byte aligned with unit channel
     stride and multiple-of-16 strides -- the kernel variant the tests compile spill-free for
-    sm_80/sm_90 -- else a contiguous copy (O(input), only for sliced or permuted inputs)."""
-    aligned = t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1])
-    return t if aligned else t.contiguous()
+    sm_80/sm_90 -- else a contiguous copy in new storage (O(input), only for sliced or permuted
+    inputs).  Alignment from the storage offset (torch's allocators align storages to >= 64 B):
+    fake tensors, which the triton_op is traced with, have no data pointer."""
+    aligned = (t.storage_offset() * t.element_size() % 16 == 0 and t.stride(-1) == 1
+               and all(s % 16 == 0 for s in t.stride()[:-1]))
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)
 
 
 def _prepare_coords(coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -605,7 +620,8 @@ def _attention_pass(kind, kernel, n_rows, batch_heads, d, dtype, device, args, r
     precision = _precision(dtype)
 
     def run(cfg):
-        kernel[_grid(n_rows, cfg[rows_block], batch_heads)](
+        _launch_triton(
+            kernel, _grid(n_rows, cfg[rows_block], batch_heads),
             *args, ACC=_tl_acc(dtype), PRECISION=precision, DOT_UPCAST=_dot_upcast(dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(d),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -642,7 +658,8 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     d = a.shape[-1]
     out = torch.empty(a.shape[:-1], device=a.device, dtype=_acc_dtype(a.dtype))
     cfg = launch_config("rowdot", d, a.dtype)
-    _row_dot_kernel[(cdiv(out.numel(), cfg["BLOCK"]),)](
+    _launch_triton(
+        _row_dot_kernel, (cdiv(out.numel(), cfg["BLOCK"]),),
         a, b, out, out.numel(), d, ACC=_tl_acc(a.dtype), BLOCK=cfg["BLOCK"], BLOCK_D=block_d(d),
         num_warps=cfg["num_warps"],
     )
@@ -667,7 +684,8 @@ def _scatter(fmap, grad, coords, dcoords, align_corners, add_dc):
         dmap = torch.zeros(fmap.shape, device=fmap.device, dtype=acc)
         part, idx = dmap, dmap  # unused pointer slots
     cfg = launch_config("scatter", d, acc)
-    _scatter_kernel[_grid(n, cfg["BLOCK"], batch * heads)](
+    _launch_triton(
+        _scatter_kernel, _grid(n, cfg["BLOCK"], batch * heads),
         fmap, grad, dmap, part, idx, coords, dcoords, heads, n, fmap.shape[2], fmap.shape[3], d, n_pix,
         *fmap.stride(), *_grid_strides(coords),
         ALIGN=align_corners, DETERMINISTIC=deterministic, ADD_DC=add_dc, ACC=_tl_acc(acc),
@@ -759,12 +777,12 @@ _bwd_op = define_op(SCHEMAS["coor_attention_backward"], _reference_backward)
 def _op_cuda(q, k, v, coords, sample, scale, align_corners):
     # Triton launches on the current device's current stream: make that q's device
     # (tensors on cuda:1 while cuda:0 is current).
-    with torch.cuda.device(q.device):
+    with device_guard(q):
         return _triton_forward(q, k, v, coords, sample, scale, align_corners)
 
 
 def _bwd_op_cuda(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners):
-    with torch.cuda.device(q.device):
+    with device_guard(q):
         return _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners)
 
 
@@ -793,15 +811,66 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _input_grads(backward, ctx, grad_out) -> tuple:
+    """Gradients of the 7 forward inputs by ``backward`` (one of the three backward paths)."""
     if grad_out is None:  # no gradient reached out (grads are not materialized)
         return (None,) * 7
     q, k, v, coords, out, lse = ctx.saved_tensors
-    grads = _bwd_op(grad_out, q, k, v, coords, out, lse, *ctx.args)
-    return (*grads, None, None, None)
+    return (*backward(grad_out, q, k, v, coords, out, lse, *ctx.args), None, None, None)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    return _input_grads(_bwd_op, ctx, grad_out)
 
 
 torch.library.register_autograd("coorkern::coor_attention", _backward, setup_context=_setup_context)
+
+
+# torch.library.triton_op (torch >= 2.6): coorkern::coor_attention_triton[_backward], the
+# Python API's way to the Triton kernels (CUDA; CPU tensors under the interpreter, eagerly).
+# Their launches go through wrap_triton on CUDA, so torch.compile / Inductor and
+# torch.export see the kernels (AOTInductor embeds them) where coorkern::coor_attention's
+# CUDA kernel is opaque.  The C++-schema ops keep that kernel for dispatcher callers, and
+# torch 2.4/2.5 (no triton_op) use it from Python too.  The two bodies are kept out of
+# mutation testing, as central_loss's (bench/mutation.py).
+_Outputs = tuple[torch.Tensor, torch.Tensor]  # out, lse
+_Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # dq, dk, dv, dcoords
+
+
+def _triton_op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor, sample: str,
+                       scale: float, align_corners: bool) -> _Outputs:  # pragma: no mutate block
+    with device_guard(q):
+        return _triton_forward(q, k, v, coords, sample, scale, align_corners)
+
+
+def _triton_op_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        coords: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sample: str, scale: float,
+                        align_corners: bool) -> _Grads:  # pragma: no mutate block
+    with device_guard(q):
+        return _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners)
+
+
+if HAS_TRITON_OP:
+    # (torch infers the schemas from the annotations.)
+    _triton_fwd_op = torch.library.triton_op("coorkern::coor_attention_triton", _triton_op_forward, mutates_args=())
+    _triton_bwd_op = torch.library.triton_op("coorkern::coor_attention_triton_backward", _triton_op_backward,
+                                             mutates_args=())
+
+    def _triton_op_autograd(ctx, grad_out, _grad_lse):
+        return _input_grads(_triton_bwd_op, ctx, grad_out)
+
+    # The same context as the opaque op's: lse marked non-differentiable, grads not materialized.
+    _triton_fwd_op.register_autograd(_triton_op_autograd, setup_context=_setup_context)
+
+
+def _triton_apply(q, k, v, coords, sample, scale, align_corners):
+    """The Triton kernels with autograd -> (out, lse): through the triton_op where torch has
+    it, else the opaque CUDA op / the interpreter's autograd.Function on CPU."""
+    if HAS_TRITON_OP:
+        return _triton_fwd_op(q, k, v, coords, sample, scale, align_corners)
+    if q.device.type == "cpu":
+        return _TritonOnCPU.apply(q, k, v, coords, sample, scale, align_corners)
+    return _op(q, k, v, coords, sample, scale, align_corners)
 
 
 class _TritonOnCPU(torch.autograd.Function):
@@ -822,11 +891,7 @@ class _TritonOnCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        if grad_out is None:
-            return (None,) * 7
-        q, k, v, coords, out, lse = ctx.saved_tensors
-        grads = _triton_backward(grad_out, q, k, v, coords, out, lse, *ctx.args)
-        return (*grads, None, None, None)
+        return _input_grads(_triton_backward, ctx, grad_out)
 
 
 # ---------------------------------------------------------------------------
@@ -946,8 +1011,8 @@ def coor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: to
             and cuda_attention_path(q.dtype) == "aten":
         return reference.grid_sample_sdpa(q, k, v, coords, sample=sample, scale=scale, align_corners=align_corners,
                                           attention_dtype=q.dtype)
-    if impl == "triton" and device.type == "cpu":
-        return _TritonOnCPU.apply(q, k, v, coords, sample, scale, align_corners)[0]
+    if impl == "triton":
+        return _triton_apply(q, k, v, coords, sample, scale, align_corners)[0]
     return _op(q, k, v, coords, sample, scale, align_corners)[0]
 
 
