@@ -13,14 +13,18 @@ Cases (the CPU training profile of ``coorkern.train`` and the paper's inference 
 ``--attention`` runs the coor detector's CPU attention through the hand-written kernel
 (``kernel``, the default rule) and/or ATen's grid sampler + flash attention (``aten``,
 forced with ``COORKERN_CPU_ATTENTION=aten``: what the op did before the kernel), in the
-same process so that the ratio compares like with like.  Prints the minimum step time
-over ``--reps`` steps (after one warm-up; wall clock, or ``--clock process``) and the step's peak extra memory (resident-set
-high-water mark, see ``bench/_common.py``).
+same process so that the ratio compares like with like; ``free`` replaces the attention
+by a copy of its value tokens (no sampling, no scores, and no gradient to q, k or the
+coordinates): no kernel can make the step faster than that, so ``free`` bounds what any
+attention kernel could gain (Amdahl).  Prints the minimum step time over ``--reps`` steps
+(after one warm-up; wall clock, or ``--clock process``) and the step's peak extra memory
+(resident-set high-water mark, see ``bench/_common.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -30,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
+from coorkern import models  # noqa: E402
 from coorkern.models import CoorDetector  # noqa: E402
 from coorkern.train import compute_loss  # noqa: E402
 
@@ -66,6 +71,27 @@ def make_step(case: str, transformer: str):
     return train
 
 
+def _free_attention(q, k, v, coords, sample="qk", **_):
+    """The attention's output shape at the cost of a copy: v's tokens (qk) or q's (kv)."""
+    return (v if sample == "qk" else q).clone()
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str):
+    """Run the coor detector's attention as ``impl``: kernel / aten (the C++ op's two CPU
+    paths) or free (no attention work at all)."""
+    saved = models.coor_attention
+    if impl in ("kernel", "aten"):
+        os.environ["COORKERN_CPU_ATTENTION"] = impl
+    elif impl == "free":
+        models.coor_attention = _free_attention
+    try:
+        yield
+    finally:
+        os.environ.pop("COORKERN_CPU_ATTENTION", None)
+        models.coor_attention = saved
+
+
 def time_min(step, reps: int, clock=time.perf_counter) -> float:
     step()  # warm-up
     best = float("inf")
@@ -81,8 +107,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--transformers", nargs="+", default=["none", "vanilla", "coor"],
                         choices=["none", "vanilla", "coor"])
-    parser.add_argument("--attention", nargs="+", default=["kernel", "aten"], choices=["kernel", "aten"],
-                        help="CPU attention of the coor detector: the hand-written kernel and/or ATen's composition")
+    parser.add_argument("--attention", nargs="+", default=["kernel", "aten"], choices=["kernel", "aten", "free"],
+                        help="CPU attention of the coor detector: the hand-written kernel and/or ATen's composition; "
+                             "free: none at all (the bound on any kernel's gain)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
@@ -96,7 +123,8 @@ def main() -> None:
     print(f"device: {_common.device_name(device)}")
     print(_common.threads_note())
 
-    header = ["case", "transformer", "attention", "step ms (min)", "peak extra MiB", "vs none", "coor kernel vs aten"]
+    header = ["case", "transformer", "attention", "step ms (min)", "peak extra MiB", "vs none", "coor kernel vs aten",
+              "kernel / free (max gain)"]
     rows = []
     _common.start_table(header)
     for case in args.cases:
@@ -104,19 +132,17 @@ def main() -> None:
         for transformer in args.transformers:
             impls = args.attention if transformer == "coor" else ["-"]
             for impl in impls:
-                if impl != "-":
-                    os.environ["COORKERN_CPU_ATTENTION"] = impl
-                step = make_step(case, transformer)
-                seconds = time_min(step, args.reps, clock)
-                _, mem = _common.measure(step, device, warmup=0, reps=1)
-                os.environ.pop("COORKERN_CPU_ATTENTION", None)
+                with attention_impl(impl):
+                    step = make_step(case, transformer)
+                    seconds = time_min(step, args.reps, clock)
+                    _, mem = _common.measure(step, device, warmup=0, reps=1)
                 times[(transformer, impl)] = seconds
                 base = times.get(("none", "-"))
                 vs_none = f"{seconds / base:.2f}x" if base else "-"
-                speedup = "-"
-                if impl == "aten" and ("coor", "kernel") in times:
-                    speedup = f"{seconds / times[('coor', 'kernel')]:.2f}x"
-                row = [case, transformer, impl, f"{seconds * 1e3:.0f}", f"{mem:.0f}", vs_none, speedup]
+                kernel = times.get(("coor", "kernel"))
+                speedup = f"{seconds / kernel:.2f}x" if impl == "aten" and kernel else "-"
+                bound = f"{kernel / seconds:.2f}x" if impl == "free" and kernel else "-"
+                row = [case, transformer, impl, f"{seconds * 1e3:.0f}", f"{mem:.0f}", vs_none, speedup, bound]
                 _common.add_row(rows, row)
     _common.report_table(f"Machine: {_common.device_name(device)}; min over {args.reps} steps after one warm-up, "
                          f"{args.clock} clock", header, rows, args.markdown)
