@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from coorkern import experiments, profiles  # noqa: E402
 from coorkern.experiments import format_p  # noqa: E402
@@ -69,6 +70,7 @@ def coor_minutes(candidate, train_images: int = 100, val_images: int = 50) -> fl
     from train_profile import time_kind
 
     h, w, base, epochs = candidate
+    torch.set_num_threads(1)  # as a training run on <= 2 cores; process time would add up the threads
     step_s, infer_s = time_kind("coor", (h, w), base, _CPU.batch_size, steps=2, repeats=2)["cpu"]
     epoch_s = train_images // _CPU.batch_size * step_s + val_images * infer_s
     return (epochs * epoch_s + val_images * infer_s) / 60

@@ -9,8 +9,10 @@
   every transformer kind: half the paper's input size, base width 8, batch 4, resized
   images cached in memory, and about 6,000 training images seen (60 epochs of ISBI
   2015's 100 training images in ``coorkern.experiments``' protocol; 26 of chest's 229, 10
-  of hand's 609); the rest as in ``paper``.  Measured per kind with ``bench/train_profile.py``
-  (table in ``bench/EXPERIMENTS.md``).  The default for real data without CUDA.
+  of hand's 609); the rest as in ``paper``.  Measured per kind with ``bench/train_profile.py``;
+  against 320x256 / 192x160 / base 16 / 80-epoch alternatives of about the same cost
+  (``bench/profile_search.py``) none was significantly more accurate on ISBI 2015 (tables in
+  ``bench/EXPERIMENTS.md``).  The default for real data without CUDA.
 * ``auto`` -- ``paper`` on CUDA, ``cpu`` otherwise, for real data; synthetic data keeps
   the training command's own hardware-dependent defaults.
 
