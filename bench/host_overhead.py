@@ -66,6 +66,14 @@ def _empty_kernel():
     return empty_kernel
 
 
+def _reason(exc: Exception) -> str:
+    """One table cell for a failure: the exception's type and its last line -- a Triton
+    CompilationError's message starts with the kernel's source and ends with the reason (the
+    H100 run of 2026-11-26 printed only "at 2:34: def empty_kernel(...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:160] if lines else ''}".replace("|", "/")
+
+
 _NOOP = []
 
 
@@ -173,7 +181,7 @@ def main(argv=None) -> int:
         try:
             _common.add_row(table, [name, f"{host_us(call, device, args.iters):.1f}"])
         except Exception as exc:  # one broken layer must not hide the others
-            _common.add_row(table, [name, f"failed: {type(exc).__name__}: {str(exc)[:80]}"])
+            _common.add_row(table, [name, f"failed: {_reason(exc)}"])
     return 0
 
 

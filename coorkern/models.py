@@ -117,8 +117,7 @@ class CoordinateModule(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
-        self.heads = check_positive_int("heads", heads)
-        self.groups = check_positive_int("groups", groups)
+        self.heads, self.groups = check_positive_int("heads", heads), check_positive_int("groups", groups)
         if heads % groups:
             raise ValueError(f"groups ({groups}) must divide heads ({heads})")
         self.coords = check_choice("coords", coords, COORD_MODES)

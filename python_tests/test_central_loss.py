@@ -23,6 +23,7 @@ import triton.language as tl
 import coorkern
 from coorkern import reference
 from coorkern.ops import central_loss as cl_module
+from triton_op_dispatch import run_triton_op_body
 
 BACKENDS = ["cpp", "triton"]
 RS = [0.0, 0.5, 1.0, 2.0, 3.0]
@@ -592,18 +593,18 @@ class AtenComputeCounter(torch.utils._python_dispatch.TorchDispatchMode):
                  "alias", "as_strided", "t", "transpose", "permute", "reshape", "_reshape_alias", "lift_fresh",
                  "clone_if_needed", "unsqueeze", "squeeze", "is_same_size", "sym_size", "sym_numel")
 
+    BODIES = {"central_loss_triton": cl_module._triton_op_forward,
+              "central_loss_triton_backward": cl_module._triton_op_backward}
+
     def __init__(self):
         super().__init__()
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        impl = {"central_loss_triton": cl_module._triton_op_forward,
-                "central_loss_triton_backward": cl_module._triton_op_backward}.get(name)
-        if func.namespace == "coorkern" and impl is not None:
-            with self:  # count what the triton_op's implementation runs, not the op itself
-                return impl(*args, **(kwargs or {}))
-        if name not in self.NO_LAUNCH:
+        handled, result = run_triton_op_body(self, func, args, kwargs, self.BODIES)
+        if handled:
+            return result
+        if func.overloadpacket.__name__ not in self.NO_LAUNCH:
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 import coorkern
 from coorkern import reference
 from coorkern.ops import coor_attention as ca
+from triton_op_dispatch import run_triton_op_body
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -750,12 +751,12 @@ def _count_launches(monkeypatch, fn):
         ops: list = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            bodies = {"coor_attention_triton": ca._triton_op_forward,
+                      "coor_attention_triton_backward": ca._triton_op_backward}
+            handled, result = run_triton_op_body(self, func, args, kwargs, bodies)
+            if handled:
+                return result
             name = func.overloadpacket.__name__
-            impl = {"coor_attention_triton": ca._triton_op_forward,
-                    "coor_attention_triton_backward": ca._triton_op_backward}.get(name)
-            if func.namespace == "coorkern" and impl is not None:
-                with self:  # count what the triton_op's implementation runs, not the op itself
-                    return impl(*args, **(kwargs or {}))
             result = func(*args, **(kwargs or {}))
             # (Inside the triton_op, "to" reaches the mode undecomposed; a no-op one returns self.)
             if name not in free and not (name == "to" and result is args[0]):

@@ -173,3 +173,15 @@ def test_host_overhead_dry_run_on_cpu():
     rows = module.table_rows(table)
     assert len(rows) == 12 and any("_triton_backward" in r["layer"] for r in rows)
     assert all(module.number(r["host us per call"]) > 0 for r in rows), rows
+
+
+def test_host_overhead_reports_the_reason_of_a_failure():
+    """A failed row names the reason, which a Triton CompilationError gives on its last line
+    (the first H100 run printed only the kernel's source line)."""
+    spec = importlib.util.spec_from_file_location("host_overhead", os.path.join(ROOT, "bench", "host_overhead.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    exc = RuntimeError("at 2:34:\ndef empty_kernel(p0, p1, p2):\n                                  ^\n"
+                       "unsupported | pointer type\n")
+    assert module._reason(exc) == "RuntimeError: unsupported / pointer type"
+    assert module._reason(ValueError("")) == "ValueError: "

@@ -729,6 +729,13 @@ def _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_c
     _attention_pass("dq", _attn_bwd_dq_kernel, n_q, batch * heads, d, q.dtype, q.device,
                     (qs, ks, vs, do, lse, delta, dqs, *common), "BLOCK_M")
     dc = torch.empty((batch, heads, n, 2), device=q.device, dtype=acc)
+    if _launch.tracing():
+        # torch's TTIR analysis (torch.compile / export of the triton_op) counts every pointer a
+        # store's address depends on as written: the scatter's atomic addresses depend on the
+        # loaded coords, so the op's own coords would read as mutated and functionalization would
+        # copy into the caller's leaf tensor (H100, torch 2.11: "a leaf Variable that requires
+        # grad is being used in an in-place operation").  A copy (N x 2) keeps that off the input.
+        c = c.clone()
     dk = _scatter(k, dks, c, dc, align_corners, add_dc=False)
     if sample == "qk":
         dq, dv = _scatter(q, dqs, c, dc, align_corners, add_dc=True), dvs
