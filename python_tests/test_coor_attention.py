@@ -888,6 +888,16 @@ def test_fallback_kernels_match_the_cpp_ops(sample, align_corners):
         assert a.is_contiguous(), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fallback_lse_has_the_declared_dtype(dtype):
+    """The fallback forward's lse is in the accumulation dtype (fp32 for bf16 inputs), as the
+    op's fake kernel declares -- not the inputs' dtype."""
+    q, k, v, coords = make_inputs("qk", dtype=dtype)
+    _, lse = ca._reference_forward(q, k, v, coords, "qk", 0.3, True)
+    _, declared = torch.ops.coorkern.coor_attention(*(t.to("meta") for t in (q, k, v, coords)), "qk", 0.3, True)
+    assert lse.dtype == declared.dtype == torch.float32 and lse.shape == declared.shape
+
+
 # ---------------------------------------------------------------------------
 # torch.library.triton_op path (issue 13 item 9): the Python API's way to the Triton kernels
 

@@ -1010,17 +1010,27 @@ def coor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: to
     the backward atomic-free and bitwise reproducible.  Extra memory is O(N d).
     """
     sample, scale, align_corners = _validate(q, k, v, coords, sample, scale, align_corners)
-    device = q.device
-    impl = _backend.resolve(device, "coor_attention")
-    if impl == "reference":
+    route = _route(_backend.resolve(q.device, "coor_attention"), q.device, q.dtype)
+    if route == "reference":
         return reference.coor_attention(q, k, v, coords, sample=sample, scale=scale, align_corners=align_corners)
-    if impl == "triton" and device.type == "cuda" and _backend.requested_backend() == "auto" \
-            and cuda_attention_path(q.dtype) == "aten":
+    if route == "aten":
         return reference.grid_sample_sdpa(q, k, v, coords, sample=sample, scale=scale, align_corners=align_corners,
                                           attention_dtype=q.dtype)
-    if impl == "triton":
+    if route == "triton":
         return _triton_apply(q, k, v, coords, sample, scale, align_corners)[0]
     return _op(q, k, v, coords, sample, scale, align_corners)[0]
+
+
+def _route(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What runs for backend ``impl`` (resolved): "reference" (the eager oracle), "aten"
+    (grid_sample + SDPA: ``auto`` on CUDA, see :func:`cuda_attention_path`), "triton" (the
+    Triton kernels) or "op" (the registered op: the C++ kernels on CPU)."""
+    if impl == "reference":
+        return "reference"
+    if impl != "triton":
+        return "op"
+    auto = _backend.requested_backend() == "auto"
+    return "aten" if device.type == "cuda" and auto and cuda_attention_path(dtype) == "aten" else "triton"
 
 
 class CoorAttention(torch.nn.Module):

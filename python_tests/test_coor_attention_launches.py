@@ -1,0 +1,91 @@
+"""The attention's launches as a GPU would get them, recorded instead of run (CPU only).
+
+Under the interpreter every kernel gets the same large blocks, so which config a launch asks
+for, and on which device its buffers live, would go unchecked.  Here the interpreter is
+switched off for the launch-config choice and the launches are recorded: each one must ask
+``launch_config`` for its own kernel kind (sm_90, as on a machine without CUDA), cover its
+rows with its grid, and get every tensor on the inputs' device (meta tensors, so a buffer
+allocated on the default device shows).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coorkern import _backend
+from coorkern.ops import coor_attention as ca
+
+KINDS = {"_sample_kernel": "sample", "_scatter_kernel": "scatter", "_row_dot_kernel": "rowdot",
+         "_attn_fwd_kernel": "fwd", "_attn_bwd_dkv_kernel": "dkv", "_attn_bwd_dq_kernel": "dq"}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    log = []
+    monkeypatch.setattr(_backend, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(ca, "_launch_triton", lambda kernel, grid, *args, **meta: log.append((kernel, grid, args, meta)))
+    return log
+
+
+def _inputs(sample, dtype, device, d=64, per_head=True):
+    b, h, n, nq, hw = 2, 3, 70, 45, (6, 5)
+    fmap = torch.empty(b, h, *hw, d, dtype=dtype, device=device)
+    tokens = torch.empty(b, h, n if sample == "qk" else nq, d, dtype=dtype, device=device)
+    q, k, v = (fmap, fmap.clone(), tokens) if sample == "qk" else (tokens, fmap, fmap.clone())
+    coords = torch.empty(*((b, h) if per_head else (b,)), n, 2, dtype=torch.float32, device=device)
+    return q, k, v, coords
+
+
+def _forward_backward(q, k, v, coords, sample):
+    out, lse = ca._triton_forward(q, k, v, coords, sample, 0.125, True)
+    return ca._triton_backward(torch.empty_like(out), q, k, v, coords, out, lse, sample, 0.125, True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float32, "tf32"),
+                                             (torch.float32, "ieee"), (torch.float64, "ieee")])
+def test_every_launch_asks_for_its_kernels_config(launches, monkeypatch, sample, dtype, precision, deterministic):
+    monkeypatch.setattr(ca, "fp32_matmul_precision", lambda: precision)
+    q, k, v, coords = _inputs(sample, dtype, "meta")  # no data: the launches are only recorded
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _forward_backward(q, k, v, coords, sample)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    seen = set()
+    for kernel, grid, args, meta in launches:
+        kind = KINDS[kernel.fn.__name__]
+        seen.add(kind)
+        # The scatter accumulates in fp32 (fp64 for fp64), the rest runs in the inputs' dtype.
+        kernel_dtype = torch.float64 if dtype == torch.float64 else (torch.float32 if kind == "scatter" else dtype)
+        if kind in ("sample", "rowdot"):
+            kernel_dtype = args[0].dtype
+        expected = ca._launch.launch_config(kind, 64, kernel_dtype, precision, interpret=False, arch=90)
+        for name, value in expected.items():
+            if name in meta:
+                assert meta[name] == value, (kind, name, meta[name], value)
+        assert meta["num_warps"] == expected["num_warps"], kind
+        block = meta.get("BLOCK") or meta.get("BLOCK_M" if kind in ("fwd", "dq") else "BLOCK_N")
+        assert block is not None, (kind, meta)
+    assert seen == set(KINDS.values())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_every_buffer_is_on_the_inputs_device(launches, sample, per_head, deterministic):
+    q, k, v, coords = _inputs(sample, torch.bfloat16, "meta", per_head=per_head)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        grads = _forward_backward(q, k, v, coords, sample)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert launches
+    for kernel, _, args, _ in launches:
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        assert devices == {"meta"}, (kernel.fn.__name__, devices)
+    assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
+        ("meta", t.shape, t.dtype) for t in (q, k, v, coords)]
