@@ -9,6 +9,8 @@ allocated on the default device shows).
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -89,3 +91,47 @@ def test_every_buffer_is_on_the_inputs_device(launches, sample, per_head, determ
         assert devices == {"meta"}, (kernel.fn.__name__, devices)
     assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
         ("meta", t.shape, t.dtype) for t in (q, k, v, coords)]
+
+
+_TYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "i64": torch.int64}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float16, "ieee"),
+                                             (torch.float32, "tf32"), (torch.float64, "ieee")])
+def test_every_launch_matches_its_ahead_of_time_declaration(launches, monkeypatch, sample, dtype, precision,
+                                                            deterministic):
+    """The JIT launches pass what ``aot_spec`` declares (the signatures the C++ library's kernels
+    and the spill tests are compiled with): a tensor of the declared dtype in every pointer
+    slot (an unused slot still gets a tensor), ints and the fp32 scale halves, the constexprs."""
+    monkeypatch.setattr(ca, "fp32_matmul_precision", lambda: precision)
+    q, k, v, coords = _inputs(sample, dtype, "meta")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _forward_backward(q, k, v, coords, sample)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for kernel, _, args, meta in launches:
+        kind = KINDS[kernel.fn.__name__]
+        call = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+        bound = inspect.signature(kernel.fn).bind(*args, **call).arguments
+        _, signature, constexprs, _, _ = ca.aot_spec(
+            kind, dtype, 64, precision=precision, sample=sample, deterministic=deterministic,
+            align_corners=True, add_dc=bool(meta.get("ADD_DC", False)),
+            config={k: v for k, v in meta.items() if k.startswith("BLOCK") and k != "BLOCK_D"})
+        unused = ({"part_acc_ptr", "idx_idx_ptr"} if not deterministic else {"dm_acc_ptr"}) if kind == "scatter" else set()
+        for name, declared in signature.items():
+            value = bound[name]
+            if declared.startswith("*"):
+                assert isinstance(value, torch.Tensor), (kind, name, value)
+                if name not in unused:
+                    assert value.dtype == _TYPES[declared[1:]], (kind, name, value.dtype, declared)
+            elif declared == "i32":
+                assert isinstance(value, int) and not isinstance(value, bool), (kind, name, value)
+            elif declared == "fp32":
+                assert isinstance(value, float), (kind, name, value)
+            elif name in constexprs:
+                assert value == constexprs[name], (kind, name, value, constexprs[name])
