@@ -34,7 +34,8 @@ def _inputs(sample, dtype, device, d=64, per_head=True):
     fmap = torch.empty(b, h, *hw, d, dtype=dtype, device=device)
     tokens = torch.empty(b, h, n if sample == "qk" else nq, d, dtype=dtype, device=device)
     q, k, v = (fmap, fmap.clone(), tokens) if sample == "qk" else (tokens, fmap, fmap.clone())
-    coords = torch.empty(*((b, h) if per_head else (b,)), n, 2, dtype=torch.float32, device=device)
+    # float64 coordinates: the kernels get them in the accumulation dtype, their gradient comes back in float64.
+    coords = torch.empty(*((b, h) if per_head else (b,)), n, 2, dtype=torch.float64, device=device)
     return q, k, v, coords
 
 
@@ -101,14 +102,16 @@ _TYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, 
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("sample", ["qk", "kv"])
-@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float16, "ieee"),
-                                             (torch.float32, "tf32"), (torch.float64, "ieee")])
-def test_every_launch_matches_its_ahead_of_time_declaration(launches, monkeypatch, sample, dtype, precision,
+@pytest.mark.parametrize("dtype,setting", [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
+                                           (torch.float32, "ieee"), (torch.float64, "tf32")])
+def test_every_launch_matches_its_ahead_of_time_declaration(launches, monkeypatch, sample, dtype, setting,
                                                             deterministic):
     """The JIT launches pass what ``aot_spec`` declares (the signatures the C++ library's kernels
     and the spill tests are compiled with): a tensor of the declared dtype in every pointer
-    slot (an unused slot still gets a tensor), ints and the fp32 scale halves, the constexprs."""
-    monkeypatch.setattr(ca, "fp32_matmul_precision", lambda: precision)
+    slot (an unused slot still gets a tensor), ints and the fp32 scale halves, the constexprs.
+    torch's fp32 matmul setting ("tf32" allowed) applies to fp32 dots only."""
+    monkeypatch.setattr(ca, "fp32_matmul_precision", lambda: setting)
+    precision = setting if dtype == torch.float32 else "ieee"
     q, k, v, coords = _inputs(sample, dtype, "meta")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
@@ -137,3 +140,25 @@ def test_every_launch_matches_its_ahead_of_time_declaration(launches, monkeypatc
                 assert isinstance(value, float), (kind, name, value)
             elif name in constexprs:
                 assert value == constexprs[name], (kind, name, value, constexprs[name])
+
+
+def test_input_grads_without_an_incoming_gradient():
+    """No gradient reached ``out`` (gradients are not materialized): none for the 7 inputs,
+    and the backward is not run."""
+    assert ca._input_grads(lambda *args: pytest.fail("backward ran"), None, None) == (None,) * 7
+
+
+@pytest.mark.parametrize("sample", ["qk", "kv"])
+def test_backward_while_traced_equals_eager(monkeypatch, sample):
+    """Under torch.compile the backward hands the scatter a copy of the coordinates (see
+    test_triton_op_tracing.py); the gradients are the same (interpreter, float64)."""
+    from test_coor_attention import make_inputs
+
+    q, k, v, coords = make_inputs(sample, per_head=True)
+    out, lse = ca._triton_forward(q, k, v, coords, sample, 0.3, True)
+    grad_out = torch.randn_like(out)
+    eager = ca._triton_backward(grad_out, q, k, v, coords, out, lse, sample, 0.3, True)
+    monkeypatch.setattr(ca._launch, "tracing", lambda: True)
+    traced = ca._triton_backward(grad_out, q, k, v, coords, out, lse, sample, 0.3, True)
+    for name, a, b in zip("qkvc", traced, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13, msg=name)
