@@ -72,6 +72,8 @@ def test_every_launch_asks_for_its_kernels_config(launches, monkeypatch, sample,
             if name in meta:
                 assert meta[name] == value, (kind, name, meta[name], value)
         assert meta["num_warps"] == expected["num_warps"], kind
+        if kind in ("fwd", "dkv", "dq"):  # the attention passes take the whole config
+            assert {k: meta[k] for k in expected} == expected, kind
         block = meta.get("BLOCK") or meta.get("BLOCK_M" if kind in ("fwd", "dq") else "BLOCK_N")
         assert block is not None, (kind, meta)
     assert seen == set(KINDS.values())
@@ -162,3 +164,25 @@ def test_backward_while_traced_equals_eager(monkeypatch, sample):
     traced = ca._triton_backward(grad_out, q, k, v, coords, out, lse, sample, 0.3, True)
     for name, a, b in zip("qkvc", traced, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13, msg=name)
+
+
+def test_attention_passes_ask_pick_with_their_key_and_launcher(launches, monkeypatch):
+    """Each attention pass asks ``_launch.pick`` (the autotuner on CUDA) with its kind, d,
+    dtype, precision and row count, and ``run(cfg)`` launches the pass with that config."""
+    asked = []
+
+    def pick(kind, d, dtype, precision, n, device, run):
+        asked.append((kind, d, dtype, precision, n, device.type))
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 2, "num_stages": 5}
+        before = len(launches)
+        run(cfg)  # what autotuning does with each candidate
+        kernel, _, _, meta = launches[before]
+        assert {k: meta[k] for k in cfg} == cfg and KINDS[kernel.fn.__name__] == kind
+        return cfg
+
+    monkeypatch.setattr(ca._launch, "pick", pick)
+    monkeypatch.setattr(ca, "fp32_matmul_precision", lambda: "ieee")
+    q, k, v, coords = _inputs("kv", torch.float32, "meta")
+    _forward_backward(q, k, v, coords, "kv")
+    assert asked == [("fwd", 64, torch.float32, "ieee", 45, "meta"), ("dkv", 64, torch.float32, "ieee", 70, "meta"),
+                     ("dq", 64, torch.float32, "ieee", 45, "meta")]
