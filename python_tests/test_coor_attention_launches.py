@@ -186,3 +186,26 @@ def test_attention_passes_ask_pick_with_their_key_and_launcher(launches, monkeyp
     _forward_backward(q, k, v, coords, "kv")
     assert asked == [("fwd", 64, torch.float32, "ieee", 45, "meta"), ("dkv", 64, torch.float32, "ieee", 70, "meta"),
                      ("dq", 64, torch.float32, "ieee", 45, "meta")]
+
+
+def test_kernel_layout_keeps_aligned_views_and_makes_others_contiguous():
+    base = torch.randn(3, 40, 16)
+    shifted = base.view(-1)[4:4 + 640].view(1, 40, 16)  # 4 float32 = 16 bytes in: aligned, kept
+    assert ca._kernel_layout(shifted).data_ptr() == shifted.data_ptr()
+    permuted = torch.randn(3, 8, 40).transpose(1, 2)  # dense, channel stride 40: copied contiguous
+    copy = ca._kernel_layout(permuted)
+    assert copy.stride() == (320, 8, 1) and torch.equal(copy, permuted)
+
+
+def test_every_launch_goes_through_launchable(monkeypatch):
+    """The launcher asks ``launchable`` (wrap_triton on CUDA) with the inputs' device and the
+    module's triton_op switch."""
+    from test_coor_attention import make_inputs
+
+    calls = []
+    original = ca.launchable
+    monkeypatch.setattr(ca, "launchable", lambda kernel, device, wrap: calls.append((device, wrap)) or original(
+        kernel, device, wrap))
+    q, k, v, coords = make_inputs("qk", n=3)
+    ca._triton_forward(q, k, v, coords, "qk", 0.3, True)
+    assert len(calls) == 3 and set(calls) == {(q.device, ca.HAS_TRITON_OP)}
