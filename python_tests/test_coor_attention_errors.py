@@ -50,6 +50,8 @@ CASES = [
     ("kv", dict(k=torch.randn(1, 2, 0, 5, 16)), ValueError, "k must not be empty, got shape (1, 2, 0, 5, 16)"),
     ("kv", dict(v=torch.randn(1, 2, 4, 0, 16)), ValueError, "v must not be empty, got shape (1, 2, 4, 0, 16)"),
     ("qk", dict(align_corners=1), TypeError, "align_corners must be a bool, got int"),
+    ("qk", dict(v=[1.0]), TypeError, "v must be a torch.Tensor, got list"),
+    ("kv", dict(k=[1.0]), TypeError, "k must be a torch.Tensor, got list"),
     ("kv", dict(scale="0.5"), TypeError, "scale must be a real number, got str"),
 ]
 
