@@ -99,7 +99,7 @@ def run(name: str, spec: dict, children: int, keep_cache: bool = False, mutants:
     row = {"module": name, "path": path, "tests": spec["tests"], "counts": counts, "tested": tested,
            "score": 100.0 * killed / tested if tested else float("nan"), "minutes": (time.time() - start) / 60,
            "survivors": sorted(m for m, s in status.items() if s == "survived"), "returncode": proc.returncode}
-    if proc.returncode and not status:
+    if proc.returncode and not tested:  # e.g. a test failing in mutmut's first (clean) run
         row["error"] = proc.stderr[-2000:]
     return row
 
