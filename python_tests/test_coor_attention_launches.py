@@ -209,3 +209,23 @@ def test_every_launch_goes_through_launchable(monkeypatch):
     q, k, v, coords = make_inputs("qk", n=3)
     ca._triton_forward(q, k, v, coords, "qk", 0.3, True)
     assert len(calls) == 3 and set(calls) == {(q.device, ca.HAS_TRITON_OP)}
+
+
+@pytest.mark.parametrize("name", ["fwd", "dq", "scatter", "sample"])
+def test_aot_spec_defaults_and_dtype_names(name):
+    """``aot_spec``'s defaults are the variant a GPU runs from Python (sm_90, "qk", not
+    deterministic, align_corners, no added dcoords, 16-byte aligned; fp32 dots in tf32,
+    others ieee), and a Triton dtype name means its torch dtype."""
+    explicit = dict(arch=90, sample="qk", deterministic=False, align_corners=True, add_dc=False, aligned=True)
+
+    def comparable(spec):
+        kernel, signature, constexprs, config, divisible = spec
+        return kernel, signature, {k: str(v) for k, v in constexprs.items()}, config, divisible
+
+    for dtype, precision in ((torch.float32, "tf32"), (torch.bfloat16, "ieee")):
+        default = comparable(ca.aot_spec(name, dtype, 64))
+        assert default == comparable(ca.aot_spec(name, dtype, 64, precision=precision, **explicit))
+        assert default == comparable(ca.aot_spec(name, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], 64))
+    *_, divisible = ca.aot_spec(name, torch.float32, 64)
+    *_, unaligned = ca.aot_spec(name, torch.float32, 8, aligned=False)
+    assert set(unaligned) == {p for p in divisible if p.endswith("_ptr")} and "d" in divisible
