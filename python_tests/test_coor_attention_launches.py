@@ -140,7 +140,8 @@ def test_every_launch_matches_its_ahead_of_time_declaration(launches, monkeypatc
                 assert isinstance(value, int) and not isinstance(value, bool), (kind, name, value)
             elif declared == "fp32":
                 assert isinstance(value, float), (kind, name, value)
-            elif name in constexprs:
+            else:  # every other slot is a constexpr, declared with the launch's value
+                assert declared == "constexpr" and name in constexprs, (kind, name, declared)
                 assert value == constexprs[name], (kind, name, value, constexprs[name])
 
 
@@ -229,3 +230,15 @@ def test_aot_spec_defaults_and_dtype_names(name):
     *_, divisible = ca.aot_spec(name, torch.float32, 64)
     *_, unaligned = ca.aot_spec(name, torch.float32, 8, aligned=False)
     assert set(unaligned) == {p for p in divisible if p.endswith("_ptr")} and "d" in divisible
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("name", ["fwd", "dkv", "scatter", "rowdot"])
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float64, "ieee"),
+                                             (torch.bfloat16, "ieee")])
+def test_aot_spec_config_is_the_gpu_launch_config(name, dtype, precision, arch):
+    _, _, constexprs, config, _ = ca.aot_spec(name, dtype, 64, precision=precision, arch=arch)
+    expected = ca._launch.launch_config(name, 64, dtype, precision, interpret=False, arch=arch)
+    assert config == expected
+    blocks = {k: v for k, v in expected.items() if k.startswith("BLOCK")}
+    assert {k: constexprs[k] for k in blocks} == blocks and constexprs["BLOCK_D"] == 64
