@@ -229,7 +229,13 @@ def test_aot_spec_defaults_and_dtype_names(name):
         assert default == comparable(ca.aot_spec(name, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], 64))
     *_, divisible = ca.aot_spec(name, torch.float32, 64)
     *_, unaligned = ca.aot_spec(name, torch.float32, 8, aligned=False)
-    assert set(unaligned) == {p for p in divisible if p.endswith("_ptr")} and "d" in divisible
+    kernel, signature, *_ = ca.aot_spec(name, torch.float32, 64)
+    pointers = {p for p, t in signature.items() if t.startswith("*")}
+    # The map and token strides are multiples of d; the coordinates' (s_c*) are not.
+    strides = {p for p, t in signature.items() if t == "i32" and p.startswith("s_") and p[-1] != "d"
+               and not p.startswith("s_c")}
+    assert pointers and strides and set(unaligned) == pointers  # unaligned: the pointers only
+    assert set(divisible) == pointers | strides | {"d"}  # aligned: d and the map/token strides too
 
 
 @pytest.mark.parametrize("arch", [80, 90])
