@@ -39,11 +39,16 @@ def _inputs(sample, dtype, device, d=64, per_head=True):
     return q, k, v, coords
 
 
-def _forward_backward(q, k, v, coords, sample):
-    out, lse = ca._triton_forward(q, k, v, coords, sample, 0.125, True)
-    # A float32 incoming gradient whatever the inputs' dtype: the kernels get it cast.
-    grad_out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-    return ca._triton_backward(grad_out, q, k, v, coords, out, lse, sample, 0.125, True)
+def _forward_backward(q, k, v, coords, sample, deterministic=False):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out, lse = ca._triton_forward(q, k, v, coords, sample, 0.125, True)
+        # A float32 incoming gradient whatever the inputs' dtype: the kernels get it cast.
+        grad_out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        return ca._triton_backward(grad_out, q, k, v, coords, out, lse, sample, 0.125, True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -53,12 +58,7 @@ def _forward_backward(q, k, v, coords, sample):
 def test_every_launch_asks_for_its_kernels_config(launches, monkeypatch, sample, dtype, precision, deterministic):
     monkeypatch.setattr(ca, "fp32_matmul_precision", lambda: precision)
     q, k, v, coords = _inputs(sample, dtype, "meta")  # no data: the launches are only recorded
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        _forward_backward(q, k, v, coords, sample)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    _forward_backward(q, k, v, coords, sample, deterministic)
     seen = set()
     for kernel, grid, args, meta in launches:
         kind = KINDS[kernel.fn.__name__]
@@ -84,12 +84,7 @@ def test_every_launch_asks_for_its_kernels_config(launches, monkeypatch, sample,
 @pytest.mark.parametrize("sample", ["qk", "kv"])
 def test_every_buffer_is_on_the_inputs_device(launches, sample, per_head, deterministic):
     q, k, v, coords = _inputs(sample, torch.bfloat16, "meta", per_head=per_head)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        grads = _forward_backward(q, k, v, coords, sample)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    grads = _forward_backward(q, k, v, coords, sample, deterministic)
     assert launches
     for kernel, _, args, _ in launches:
         devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
@@ -115,12 +110,7 @@ def test_every_launch_matches_its_ahead_of_time_declaration(launches, monkeypatc
     monkeypatch.setattr(ca, "fp32_matmul_precision", lambda: setting)
     precision = setting if dtype == torch.float32 else "ieee"
     q, k, v, coords = _inputs(sample, dtype, "meta")
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        _forward_backward(q, k, v, coords, sample)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    _forward_backward(q, k, v, coords, sample, deterministic)
     for kernel, _, args, meta in launches:
         kind = KINDS[kernel.fn.__name__]
         call = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
