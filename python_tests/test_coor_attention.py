@@ -999,6 +999,10 @@ def test_kernel_layout_reads_alignment_without_a_data_pointer():
     assert ca._kernel_layout(narrow).data_ptr() == narrow.data_ptr()
     odd = torch.randn(3, 40, 12)[:, :, :8]  # ...and one of 12 copied
     assert ca._kernel_layout(odd).stride() == (320, 8, 1)
+    aligned = base.view(-1)[4:4 + 640].view(1, 40, 16)  # 4 float32 = 16 bytes in: kept
+    assert ca._kernel_layout(aligned).data_ptr() == aligned.data_ptr()
+    permuted = torch.randn(3, 8, 40).transpose(1, 2)  # dense, channel stride 40: copied contiguous
+    assert ca._kernel_layout(permuted).stride() == (320, 8, 1) and torch.equal(ca._kernel_layout(permuted), permuted)
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(base)
         assert ca._kernel_layout(fake[1:]).storage_offset() == 640
