@@ -126,6 +126,20 @@ def write_report(rows: list) -> None:
     REPORT.write_text(head + block + tail)
 
 
+def check_tools() -> None:
+    """mutmut 3.8's pytest plugin reads ``item._nodeid``, which pytest 9 removed: every run would
+    fail in its first (statistics) pass.  Say so up front (``pip install -e ".[mutation]"``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mutmut, pytest = version("mutmut"), version("pytest")
+    except PackageNotFoundError as missing:
+        raise SystemExit(f"bench/mutation.py needs {missing.name}: pip install -e '.[mutation]'") from None
+    if int(mutmut.split(".")[0]) < 3 or int(pytest.split(".")[0]) >= 9:
+        raise SystemExit(f"bench/mutation.py needs mutmut >= 3 with pytest < 9 (found mutmut {mutmut}, "
+                         f"pytest {pytest}): pip install -e '.[mutation]'")
+
+
 def main(argv=None) -> None:
     known = modules()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -137,6 +151,7 @@ def main(argv=None) -> None:
                         help="test only these mutants (names or globs, e.g. the survivors of a run after new "
                              "tests); the score table is left as it is")
     args = parser.parse_args(argv)
+    check_tools()
     unknown = [m for m in args.modules if m not in known]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; configured: {', '.join(known)}")

@@ -809,6 +809,20 @@ def test_sass_instructions_per_element():
     assert target_bwd <= 75  # was 99.75
 
 
+@pytest.mark.parametrize("has_triton_op", [True, False])
+def test_every_launch_goes_through_launchable(monkeypatch, has_triton_op):
+    """The launcher asks ``launchable`` (wrap_triton on CUDA) with the inputs' device and the
+    module's triton_op switch."""
+    calls = []
+    original = cl_module.launchable
+    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", has_triton_op)
+    monkeypatch.setattr(cl_module, "launchable", lambda kernel, device, wrap: calls.append((device, wrap)) or original(
+        kernel, device, wrap))
+    logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    loss_and_grad("triton", coorkern.central_loss_from_landmarks, logits, landmark_cases(2, 3, 9, 8), r=2.0)
+    assert len(calls) >= 2 and all(device == logits.device and wrap is has_triton_op for device, wrap in calls)
+
+
 def test_path_without_triton_op(monkeypatch):
     """torch 2.4/2.5 have no torch.library.triton_op: the autograd.Function path must work (and
     run the Triton kernels, not the C++ op that would give the same numbers)."""

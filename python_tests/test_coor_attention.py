@@ -560,18 +560,6 @@ def test_every_kernel_compiles_for_sm80_sm90_without_spills(compiled_kernels):
         assert 0 < r["registers"] <= 255, r
 
 
-def test_autotune_candidates_start_with_the_hand_picked_config():
-    for kind in ("fwd", "dkv", "dq"):
-        for dtype in (torch.bfloat16, torch.float32, torch.float64):
-            options = ca._launch.candidates(kind, 64, dtype, "tf32", 90)
-            assert options[0] == ca.launch_config(kind, 64, dtype, "tf32", interpret=False, arch=90)
-            assert len(options) == len({json.dumps(o, sort_keys=True) for o in options})
-    assert len(ca._launch.candidates("fwd", 64, torch.bfloat16, "ieee", 90)) > 1
-    assert ca._launch.n_bucket(1) == 1 and ca._launch.n_bucket(832) == ca._launch.n_bucket(1024) == 1024
-    # never on CPU (the interpreter), so the tests always run the first choice
-    assert not ca._launch.autotune_allowed(torch.device("cpu"))
-
-
 def test_coordinate_clamp_keeps_nan_in_ptx(compiled_kernels):
     # NaN coordinates must survive the clamp: min.f32/max.f32 return the other operand for
     # a NaN (the GPU would sample zeros); min.NaN/max.NaN propagate it.  fp64 has no .NaN
@@ -1007,19 +995,3 @@ def test_kernel_layout_reads_alignment_without_a_data_pointer():
         fake = mode.from_tensor(base)
         assert ca._kernel_layout(fake[1:]).storage_offset() == 640
         assert ca._kernel_layout(fake.view(-1)[1:1 + 640].view(1, 40, 16)).storage_offset() == 0
-
-
-def test_no_autotuning_while_traced(monkeypatch):
-    """Under torch.compile / export the launches see fake tensors: nothing can be timed, so
-    autotuning is off there (the graph keeps the cached or hand-picked config)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    monkeypatch.setattr(ca._launch._backend, "triton_interpreter_enabled", lambda: False)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.delenv(ca._launch.AUTOTUNE_ENV, raising=False)
-    cuda = torch.device("cuda", 0)
-    assert not ca._launch.tracing() and ca._launch.autotune_allowed(cuda)
-    with FakeTensorMode():
-        assert ca._launch.tracing() and not ca._launch.autotune_allowed(cuda)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not ca._launch.autotune_allowed(cuda)

@@ -20,6 +20,7 @@ from .. import _backend
 from ._host import next_power_of_2
 
 AUTOTUNE_ENV = "COORKERN_AUTOTUNE"
+PRECISIONS = ("tf32", "ieee")  # tl.dot input precision of fp32 dots (others are exact: "ieee")
 TUNED_KINDS = ("fwd", "dkv", "dq")
 _cache: dict = {}
 
@@ -52,6 +53,8 @@ def launch_config(kind: str, d: int, dtype: torch.dtype, precision: str = "tf32"
     LOCAL and STACK bytes for sm_80 and sm_90 (triton 3.7.1 and 3.9; checked by the tests).
     The interpreter costs ~1 ms per program instance, so it gets large blocks.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if interpret is None:
         interpret = _backend.triton_interpreter_enabled()
     bd = block_d(d)
@@ -71,7 +74,7 @@ def launch_config(kind: str, d: int, dtype: torch.dtype, precision: str = "tf32"
     fp32 = dtype == torch.float32
     wide = bd >= 128 or fp32
     if kind == "fwd":  # the fp32 O accumulator: halve BLOCK_M at fp32 d=128
-        if fp32 and bd >= 128:
+        if fp32 and bd >= 128:  # 2 stages spill 16 B on sm_80 (triton 3.9): 1 there
             return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2 if arch >= 90 else 1}
         return {"BLOCK_M": 128, "BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 2 if wide else 3}
     if kind == "dkv":  # M of every dot is BLOCK_N (keys); K, V, dK, dV stay in registers
@@ -106,10 +109,11 @@ def _fma_config(kind: str, bd: int, dtype: torch.dtype) -> dict:
 
 
 def candidates(kind: str, d: int, dtype: torch.dtype, precision: str = "tf32", arch: Optional[int] = None) -> list:
-    """Configs ``pick`` may time: ``launch_config`` first, then alternatives for the
-    tensor-core attention passes at d <= 64 (larger tiles spill or fall off wgmma shapes)."""
+    """Configs ``pick`` may time: ``launch_config`` first, then alternatives for the bf16/fp16
+    attention passes at d <= 64 (at d = 128 and in fp32 larger tiles spill or fall off wgmma
+    shapes; the FMA tiles of fp64 and fp32 "ieee" are the spill-free picks of a sweep)."""
     first = launch_config(kind, d, dtype, precision, interpret=False, arch=arch)
-    if kind not in TUNED_KINDS or uses_fma(dtype, precision) or block_d(d) > 64 or dtype == torch.float32:
+    if kind not in TUNED_KINDS or dtype not in (torch.bfloat16, torch.float16) or d > 64:
         return [first]
     alternatives = {
         "fwd": [{"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
@@ -138,7 +142,7 @@ def tracing() -> bool:
 
 def autotune_allowed(device: torch.device) -> bool:
     return (device.type == "cuda" and not _backend.triton_interpreter_enabled()
-            and os.environ.get(AUTOTUNE_ENV, "1") != "0" and not torch.are_deterministic_algorithms_enabled()
+            and os.environ.get(AUTOTUNE_ENV) != "0" and not torch.are_deterministic_algorithms_enabled()
             and not torch.cuda.is_current_stream_capturing() and not tracing())
 
 
@@ -149,7 +153,7 @@ def pick(kind: str, d: int, dtype: torch.dtype, precision: str, n: int, device: 
     the first time a key is seen.  Without tuning: the cached choice, else ``launch_config``."""
     arch = device_arch(device) if device.type == "cuda" else None
     options = candidates(kind, d, dtype, precision, arch) if device.type == "cuda" else [
-        launch_config(kind, d, dtype, precision, arch=arch)]
+        launch_config(kind, d, dtype, precision)]
     key = (kind, block_d(d), dtype, precision, n_bucket(n), arch)
     if key in _cache:
         return _cache[key]
