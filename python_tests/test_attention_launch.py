@@ -290,7 +290,7 @@ def test_n_bucket_is_a_capped_power_of_4():
 def fake_cuda(monkeypatch):
     """A CUDA device of capability (9, 0) as far as ``_attention_launch`` asks, tuning allowed,
     an empty cache, and ``do_bench`` replaced by a table of times per config."""
-    state = {"capability": (9, 0), "capabilities": {}, "asked": [], "timed": [], "times": {}}
+    state = {"capability": (9, 0), "capabilities": {}, "asked": [], "timed": [], "times": {}, "budgets": []}
 
     def capability(device=None):
         state["asked"].append(device)
@@ -304,7 +304,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(launch, "_cache", {})
 
     def do_bench(fn, warmup, rep):
-        assert warmup >= 1 and rep >= warmup
+        state["budgets"].append((warmup, rep))
         before = len(state["timed"])
         fn()
         assert len(state["timed"]) == before + 1, "do_bench must time one launch of its config"
@@ -364,6 +364,17 @@ def test_pick_times_every_candidate_once_and_caches_the_fastest(fake_cuda):
     fake_cuda["times"] = {}
     assert launch.pick("fwd", 64, torch.bfloat16, "tf32", 5000, cuda, _run(fake_cuda)) == options[0]
     assert len(fake_cuda["timed"]) == 6 and len(launch._cache) == 2
+    assert fake_cuda["budgets"] == [(launch.BENCH_WARMUP_MS, launch.BENCH_REP_MS)] * 6
+
+
+def test_autotuning_a_key_stays_within_its_time_budget():
+    """The first launch of a new key times every candidate: at most 50 ms of GPU time per key
+    (a training run meets ~10 keys), with a warm-up and several repetitions each."""
+    assert 1 <= launch.BENCH_WARMUP_MS < launch.BENCH_REP_MS
+    most = max(len(launch.candidates(kind, d, dtype, "tf32", arch)) for kind in launch.TUNED_KINDS
+               for d in (16, 32, 64, 128) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+               for arch in (80, 90))
+    assert most * (launch.BENCH_WARMUP_MS + launch.BENCH_REP_MS) <= 50
 
 
 def test_pick_keys_on_kind_dtype_precision_and_arch(fake_cuda):

@@ -22,6 +22,10 @@ from ._host import next_power_of_2
 AUTOTUNE_ENV = "COORKERN_AUTOTUNE"
 PRECISIONS = ("tf32", "ieee")  # tl.dot input precision of fp32 dots (others are exact: "ieee")
 TUNED_KINDS = ("fwd", "dkv", "dq")
+# do_bench's budget per candidate (ms): a key is timed once per process, so its first launch
+# costs up to 3 x 13 ms; a longer run only narrows the timing noise between close configs.
+BENCH_WARMUP_MS = 3
+BENCH_REP_MS = 10
 _cache: dict = {}
 
 
@@ -159,6 +163,7 @@ def pick(kind: str, d: int, dtype: torch.dtype, precision: str, n: int, device: 
         return _cache[key]
     if len(options) == 1 or not autotune_allowed(device):
         return options[0]
-    times = [triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=3, rep=10) for cfg in options]
+    times = [triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS)
+             for cfg in options]
     _cache[key] = options[min(range(len(options)), key=times.__getitem__)]
     return _cache[key]
