@@ -179,7 +179,22 @@ def test_t_equals_p_has_zero_modulation_gradient(backend, dtype):
     for r in (0.25, 0.5, 0.9, 1.0, 2.0):
         loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=r, reduction="none")
         assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
-    # t within a few ulps of p: |t-p|^(r-1) is huge, the gradient must still be finite.
+    # t a few ulps from p = sigmoid(0) = 0.5 (exact in every path, and so is t - p): |t-p|^(r-1)
+    # is huge (~1e8 in fp64 at r = 0.5) and must match the float64 oracle in value, not only be finite.
+    eps = torch.finfo(dtype).eps
+    logits = torch.zeros(8, dtype=dtype)
+    target = 0.5 * (1 + eps * torch.tensor([-3, -2, -1, 1, 2, 3, 64, -64], dtype=dtype))
+    assert torch.equal((target.double() - 0.5).abs() * 2 / eps,
+                       torch.tensor([3, 2, 1, 1, 2, 3, 64, 64], dtype=torch.float64))  # exactly representable
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    for r in (0.01, 0.25, 0.5, 0.9, 1.5):
+        loss, grad = loss_and_grad(backend, coorkern.central_loss, logits, target, r=r, reduction="none")
+        ref_loss, ref_grad = oracle(reference.central_loss, logits, target, r=r, reduction="none")
+        assert r > 0.5 or ref_grad.abs().max() > 100, r  # r <= 0.5: the huge-gradient regime
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=0, msg=f"loss r={r}")
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=0, msg=f"grad r={r}")
+    # Elsewhere sigmoid rounds differently per path, so |t - p| of a few ulps is not comparable
+    # between them: there the loss and gradient must stay finite.
     logits = torch.linspace(-20, 20, 41, dtype=dtype)
     for ulps in (-2, -1, 1, 2):
         target = torch.sigmoid(logits) * (1 + ulps * torch.finfo(dtype).eps)
