@@ -19,16 +19,13 @@ import re
 import pytest
 import torch
 
-from coorkern import _backend
 from coorkern._aot_codegen import variant_key
 from coorkern.ops import _attention_aot, _attention_launch
 from coorkern.ops import coor_attention as ca
+from test_coor_attention_launches import KINDS, _forward_backward, _inputs, launches  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPP_LAUNCHER = os.path.join(ROOT, "csrc", "aot", "coor_attention_cuda.cpp")
-KINDS = {"_sample_kernel": "sample", "_scatter_kernel": "scatter", "_row_dot_kernel": "rowdot",
-         "_attn_fwd_kernel": "fwd", "_attn_bwd_dkv_kernel": "dkv", "_attn_bwd_dq_kernel": "dq"}
-TL_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +41,7 @@ def _cpp_launcher_requests() -> set:
         if not (d < 16 or d % 16 == 0):
             continue  # refused with "head widths ..." (test_cpp_library checks the message)
         block = 16 if d <= 16 else 32 if d <= 32 else 64 if d <= 64 else 128
-        for dtype, tf32, sample, align in itertools.product(TL_NAMES.values(), (False, True), ("qk", "kv"),
+        for dtype, tf32, sample, align in itertools.product(("fp32", "fp64", "fp16", "bf16"), (False, True), ("qk", "kv"),
                                                             (False, True)):
             base = dict(aligned=d % 16 == 0, d=block, dtype=dtype)
             precision = "tf32" if dtype == "fp32" and tf32 else "ieee"
@@ -116,28 +113,11 @@ def _declared(arch: int) -> list:
             for name, dtype, d, options in _attention_aot.aot_variants(arch)]
 
 
-class _deterministic:
-    """``torch.use_deterministic_algorithms(on)`` for a block."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(self.on)
-
-    def __exit__(self, *exc):
-        torch.use_deterministic_algorithms(self.previous)
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Launches recorded instead of run, with the GPU's launch configs (sm_90) and the autotuner's
-    behaviour on CUDA: every candidate run once, then the first launched."""
-    log = []
-    monkeypatch.setattr(_backend, "triton_interpreter_enabled", lambda: False)
-    monkeypatch.setattr(ca, "_launch_triton", lambda kernel, grid, *args, **meta: log.append((kernel, meta)))
-
+def test_aot_variants_are_exactly_the_gpu_launches(launches, monkeypatch):
+    """Forward and backward over the whole domain (d = 16/32/64/128, every dtype, fp32 with tf32
+    and exact dots, both samples, align_corners, deterministic or not), with the GPU's launch
+    configs (sm_90) and the autotuner's behaviour on CUDA (every candidate run once, then the
+    first launched), launch every declared variant and nothing undeclared."""
     def autotune(kind, d, dtype, precision, n, device, run):
         options = _attention_launch.candidates(kind, d, dtype, precision, arch=90)
         for cfg in options:
@@ -145,13 +125,6 @@ def recorded(monkeypatch):
         return options[0]
 
     monkeypatch.setattr(ca._launch, "pick", autotune)
-    return log
-
-
-def test_aot_variants_are_exactly_the_gpu_launches(recorded, monkeypatch):
-    """Forward and backward over the whole domain (d = 16/32/64/128, every dtype, fp32 with tf32
-    and exact dots, both samples, align_corners, deterministic or not) launch every declared
-    variant and nothing undeclared."""
     launched = set()
     domain = itertools.product((16, 32, 64, 128), [(torch.bfloat16, "tf32"), (torch.float16, "tf32"),
                                                      (torch.float32, "tf32"), (torch.float32, "ieee"),
@@ -159,22 +132,15 @@ def test_aot_variants_are_exactly_the_gpu_launches(recorded, monkeypatch):
                                (False, True))
     for d, (dtype, setting), sample, align, deterministic in domain:
         monkeypatch.setattr(ca, "fp32_matmul_precision", lambda setting=setting: setting)
-        b, h, n, nq, hw = 1, 2, 9, 5, (3, 4)
-        fmap = torch.empty(b, h, *hw, d, dtype=dtype, device="meta")
-        tokens = torch.empty(b, h, n if sample == "qk" else nq, d, dtype=dtype, device="meta")
-        q, k, v = (fmap, fmap.clone(), tokens) if sample == "qk" else (tokens, fmap, fmap.clone())
-        coords = torch.empty(b, h, n, 2, dtype=dtype, device="meta")
-        recorded.clear()
-        with _deterministic(deterministic):
-            out, lse = ca._triton_forward(q, k, v, coords, sample, 0.125, align)
-            ca._triton_backward(torch.empty_like(out), q, k, v, coords, out, lse, sample, 0.125, align)
-        kinds = [KINDS[kernel.fn.__name__] for kernel, _ in recorded]
+        launches.clear()
+        _forward_backward(*_inputs(sample, dtype, "meta", d=d), sample, deterministic, align)
+        kinds = [KINDS[kernel.fn.__name__] for kernel, *_ in launches]
         assert set(kinds) == {"sample", "fwd", "rowdot", "dkv", "dq", "scatter"}, kinds
-        launched |= {_as_variant(kind, dtype, d, sample, meta) for kind, (_, meta) in zip(kinds, recorded)}
+        launched |= {_as_variant(kind, dtype, d, sample, meta) for kind, (*_, meta) in zip(kinds, launches)}
     declared = _declared(90)
     assert len(declared) == len(set(declared))  # each compiled once
-    missing = set(declared) - launched
     undeclared = launched - set(declared)
+    missing = set(declared) - launched
     assert not undeclared, sorted(undeclared, key=str)[:5]
     assert not missing, sorted(missing, key=str)[:5]
 

@@ -39,14 +39,14 @@ def _inputs(sample, dtype, device, d=64, per_head=True):
     return q, k, v, coords
 
 
-def _forward_backward(q, k, v, coords, sample, deterministic=False):
+def _forward_backward(q, k, v, coords, sample, deterministic=False, align_corners=True):
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        out, lse = ca._triton_forward(q, k, v, coords, sample, 0.125, True)
+        out, lse = ca._triton_forward(q, k, v, coords, sample, 0.125, align_corners)
         # A float32 incoming gradient whatever the inputs' dtype: the kernels get it cast.
         grad_out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        return ca._triton_backward(grad_out, q, k, v, coords, out, lse, sample, 0.125, True)
+        return ca._triton_backward(grad_out, q, k, v, coords, out, lse, sample, 0.125, align_corners)
     finally:
         torch.use_deterministic_algorithms(previous)
 
