@@ -30,6 +30,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -54,16 +56,14 @@ def host_us(call, device: torch.device, iters: int) -> float:
     return sorted(rounds)[2]
 
 
-def _empty_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def empty_kernel(p0, p1, p2, p3, p4, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16,
-                     a17, a18, BLOCK: tl.constexpr):
-        pass
-
-    return empty_kernel
+# At module level, not in a function: Triton resolves a kernel's names (its ``tl.constexpr``
+# annotation included) in the module's globals, and the first H100 run's empty-kernel rows
+# failed to compile with the kernel defined inside a function (triton 3.6: CompilationError
+# "at 2:34", the annotation; triton 3.9 looks the kernel up in its module).
+@triton.jit
+def empty_kernel(p0, p1, p2, p3, p4, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16,
+                 a17, a18, BLOCK: tl.constexpr):
+    pass
 
 
 def _reason(exc: Exception) -> str:
@@ -118,7 +118,7 @@ def rows_for(device: torch.device) -> list[tuple[str, object]]:
     ]
     needs = "needs CUDA"
     if cuda:
-        kernel = _empty_kernel()  # 5 pointers + 19 ints: about the attention kernels' argument count
+        kernel = empty_kernel  # 5 pointers + 19 ints: about the attention kernels' argument count
         ptrs = [torch.empty(16, device=device) for _ in range(5)]
         ints = list(range(1, 20))
         rows += [

@@ -185,3 +185,18 @@ def test_host_overhead_reports_the_reason_of_a_failure():
                        "unsupported | pointer type\n")
     assert module._reason(exc) == "RuntimeError: unsupported / pointer type"
     assert module._reason(ValueError("")) == "ValueError: "
+
+
+def test_host_overhead_empty_kernel_compiles_for_sm90(monkeypatch):
+    """The empty-kernel rows' kernel compiles for a GPU (sm_90, no GPU needed): defined inside a
+    function it did not (the first H100 run: CompilationError at its ``tl.constexpr``)."""
+    from coorkern._triton_aot import compile_for_gpu
+
+    bench = os.path.join(ROOT, "bench")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([bench, ROOT, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(bench)
+    import host_overhead
+
+    signature = {**{f"p{i}": "*fp32" for i in range(5)}, **{f"a{i}": "i32" for i in range(19)}}
+    report = compile_for_gpu(host_overhead.empty_kernel, signature, {"BLOCK": 16}, arch=90)
+    assert report.local_bytes == 0 and 0 < report.registers <= 32
