@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import triton.language as tl
 
+from . import _attention_kernels as kern
 from ._attention_launch import TUNED_KINDS, block_d, candidates, launch_config
 
 _TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -38,13 +39,11 @@ def aot_spec(name: str, dtype, d: int, *, arch: int = 90, precision: Optional[st
     ``aligned=False`` only the pointers are (any d, e.g. the CPU profile's d = 8).
     ``dtype`` is a torch dtype or its Triton name ("bf16", as ``AOT_VARIANTS`` has it).
     """
-    from . import coor_attention as ca  # the kernels (that module imports this one)
-
     if isinstance(dtype, str):
         dtype = {v: k for k, v in _TL_NAMES.items()}[dtype]
 
-    kernels = {"fwd": ca._attn_fwd_kernel, "dkv": ca._attn_bwd_dkv_kernel, "dq": ca._attn_bwd_dq_kernel,
-               "sample": ca._sample_kernel, "scatter": ca._scatter_kernel, "rowdot": ca._row_dot_kernel}
+    kernels = {"fwd": kern._attn_fwd_kernel, "dkv": kern._attn_bwd_dkv_kernel, "dq": kern._attn_bwd_dq_kernel,
+               "sample": kern._sample_kernel, "scatter": kern._scatter_kernel, "rowdot": kern._row_dot_kernel}
     fn = kernels[name]
     if precision is None:
         precision = "tf32" if dtype == torch.float32 else "ieee"
