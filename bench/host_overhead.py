@@ -8,13 +8,14 @@ forward + backward on 0.05-0.19 ms of kernels, and the Triton attention 2.5 ms o
 so small that the GPU is never the bottleneck, so the time per call is host time:
 
 * the floor: an empty Triton kernel with the attention kernels' argument count, launched
-  directly, through ``torch.library.wrap_triton`` (what the central loss's ``triton_op``
-  does), and a ``torch.empty``;
+  directly and through ``torch.library.wrap_triton`` (outside a triton_op: the
+  ``triton_kernel_wrapper_mutation`` higher-order op), and a ``torch.empty``;
 * a ``torch.library.custom_op`` with ``register_autograd`` doing nothing, forward and
-  forward + backward (the machinery both ops sit behind);
-* each op's internals called directly (``_triton_pass``, ``_triton_forward``,
-  ``_triton_backward``: launches + allocations, no dispatch, no autograd) and through the
-  public function, forward and forward + backward.
+  forward + backward (the machinery the ops' triton_ops sit behind);
+* each op's internals called directly (``_direct_loss``, ``_direct_forward``,
+  ``_direct_backward``: launches + allocations, no dispatch, no autograd), through the
+  public function (eagerly: the ops' ``torch.autograd.Function``), forward and forward +
+  backward, and through the triton_op that traced calls take.
 
 The difference between rows is what a layer costs; the rows are what to cut next.  On a
 machine without CUDA ``--device cpu`` runs the rows that need no GPU (the Triton rows read
@@ -140,20 +141,32 @@ def rows_for(device: torch.device) -> list[tuple[str, object]]:
         torch.autograd.grad(coorkern.coor_attention(q, k, v, coords, sample="qk").sum(), (q, k, v, coords))
 
     with torch.no_grad():
-        out, lse = ca._triton_forward(q, k, v, coords, **attention_args) if cuda else (None, None)
+        out, lse = ca._direct_forward(q, k, v, coords, **attention_args) if cuda else (None, None)
+    def loss_triton_op_fwd_bwd():  # the traced path's op, called eagerly
+        logits.grad = None
+        cl._triton_fwd_op(logits, landmarks, 2.0, 2.0, "mean", None, True).backward()
+
+    def attention_triton_op_fwd_bwd():
+        torch.autograd.grad(ca._triton_fwd_op(q, k, v, coords, **attention_args)[0].sum(), (q, k, v, coords))
+
+    triton_op = "needs torch.library.triton_op (torch >= 2.6)"
     triton_rows = [
-        ("central loss: _triton_pass (loss, 2 launches)",
-         lambda: cl._triton_pass(cl._MODE_LOSS_SUM, logits.detach(), None, landmarks, 2.0, 2.0, "mean", None)),
+        ("central loss: _direct_loss (loss, 2 launches)",
+         lambda: cl._direct_loss(logits.detach(), None, landmarks, 2.0, 2.0, "mean", None)),
         ("central loss: public function, forward", lambda: coorkern.central_loss_from_landmarks(
             logits.detach(), landmarks, sigma=2.0)),
         ("central loss: public function, forward + backward", loss_fwd_bwd),
-        ("attention: _triton_forward (3 launches)", lambda: ca._triton_forward(q.detach(), k.detach(), v.detach(),
+        ("  the same through its triton_op (the traced path)", loss_triton_op_fwd_bwd if cl.HAS_TRITON_OP else triton_op),
+        ("attention: _direct_forward (3 launches)", lambda: ca._direct_forward(q.detach(), k.detach(), v.detach(),
                                                                                  coords.detach(), **attention_args)),
-        ("attention: _triton_backward (9-11 launches)", lambda: ca._triton_backward(
+        ("attention: _direct_backward (9-11 launches)", lambda: ca._direct_backward(
             torch.ones_like(out), q.detach(), k.detach(), v.detach(), coords.detach(), out, lse, **attention_args)),
         ("attention (Triton forced): forward + backward", lambda: _with_triton(attention_fwd_bwd)),
+        ("  the same through its triton_op (the traced path)",
+         attention_triton_op_fwd_bwd if ca.HAS_TRITON_OP else triton_op),
     ]
-    rows += [(name, call if cuda or "public function" in name else needs) for name, call in triton_rows]
+    rows += [(name, call if cuda or "public function" in name or isinstance(call, str) else needs)
+             for name, call in triton_rows]
     # auto: grid_sample + SDPA on CUDA, the C++ kernels on a CPU.
     rows.append(("attention (auto): forward + backward", attention_fwd_bwd))
     return rows

@@ -9,6 +9,7 @@ mantissa bits; the math runs in float32).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,8 +23,9 @@ import triton.language as tl
 
 import coorkern
 from coorkern import reference
+from coorkern.ops import _host
 from coorkern.ops import central_loss as cl_module
-from triton_op_dispatch import run_triton_op_body
+from triton_op_dispatch import PassThroughMode, run_triton_op_body
 
 BACKENDS = ["cpp", "triton"]
 RS = [0.0, 0.5, 1.0, 2.0, 3.0]
@@ -836,6 +838,55 @@ def test_every_launch_goes_through_launchable(monkeypatch, has_triton_op):
     logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     loss_and_grad("triton", coorkern.central_loss_from_landmarks, logits, landmark_cases(2, 3, 9, 8), r=2.0)
     assert len(calls) >= 2 and all(device == logits.device and wrap is has_triton_op for device, wrap in calls)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("has_triton_op", [True, False])
+def test_api_route_eager_and_traced(monkeypatch, has_triton_op, traced):
+    """Eager calls on plain tensors run the kernels from the autograd.Function, launched
+    directly (no wrap_triton); under a dispatch mode (tracing) through the triton_op where
+    torch has it, else the autograd.Function on CPU -- equal to the oracle every way."""
+    if has_triton_op and not cl_module.HAS_TRITON_OP:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6")
+    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", has_triton_op)
+    called, direct = [], []
+    op = getattr(cl_module, "_triton_fwd_op", None)
+    if has_triton_op:
+        monkeypatch.setattr(cl_module, "_triton_fwd_op", lambda *a: called.append("triton_op") or op(*a))
+    apply = cl_module._TritonEager.apply
+    monkeypatch.setattr(cl_module._TritonEager, "apply", lambda *a: called.append("function") or apply(*a))
+    launch = cl_module._launch
+    monkeypatch.setattr(cl_module, "_launch", lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
+    logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    landmarks = landmark_cases(2, 3, 9, 8)
+    with PassThroughMode() if traced else contextlib.nullcontext():
+        loss, grad = loss_and_grad("triton", coorkern.central_loss_from_landmarks, logits, landmarks, r=2.5)
+    assert called == (["triton_op"] if traced and has_triton_op else ["function"])
+    assert len(direct) == 3 and set(direct) == {called == ["function"]}, direct
+    ref_loss, ref_grad = oracle(reference.central_loss_from_landmarks, logits, landmarks, r=2.5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+
+
+def test_registered_cuda_kernels_launch_directly(monkeypatch):
+    """torch.ops.coorkern.central_loss*'s CUDA kernels run on real tensors only (fake kernels
+    when traced): their launches must not go through wrap_triton's higher-order op."""
+    direct = []
+    launch = cl_module._launch
+    monkeypatch.setattr(cl_module, "_launch", lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
+    logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    landmarks, target = landmark_cases(2, 3, 9, 8), torch.rand(2, 3, 9, 8, dtype=torch.float64)
+    grad_out = torch.tensor(0.7, dtype=torch.float64)
+    results = [cl_module._cl_cuda(logits, target, 2.0, "sum"), cl_module._cl_bwd_cuda(grad_out, logits, target, 2.0, "sum"),
+               cl_module._lm_cuda(logits, landmarks, 2.0, 2.0, "sum", None),
+               cl_module._lm_bwd_cuda(grad_out, logits, landmarks, 2.0, 2.0, "sum", None)]
+    assert direct == [True] * 6 and not _host._direct.active
+    expected = [reference.central_loss(logits, target, 2.0, "sum"),
+                cl_module._reference_grad(grad_out, logits, target, 2.0, "sum"),
+                reference.central_loss_from_landmarks(logits, landmarks, 2.0, 2.0, "sum"),
+                cl_module._reference_landmarks_grad(grad_out, logits, landmarks, 2.0, 2.0, "sum", None)]
+    for actual, want in zip(results, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-10, atol=1e-14)
 
 
 def test_path_without_triton_op(monkeypatch):

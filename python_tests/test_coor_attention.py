@@ -22,8 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import coorkern
 from coorkern import reference
+from coorkern.ops import _host
 from coorkern.ops import coor_attention as ca
-from triton_op_dispatch import run_triton_op_body
+from triton_op_dispatch import PassThroughMode, run_triton_op_body
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -800,15 +801,21 @@ def test_cuda_entry_points_enter_the_tensors_device(monkeypatch, sample, align_c
         yield
 
     monkeypatch.setattr(ca, "device_guard", guard)
+    direct = []
+    launch = ca._launch_triton
+    monkeypatch.setattr(ca, "_launch_triton", lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
     q, k, v, coords = make_inputs(sample, align_corners=align_corners)
     inputs = [t.detach().requires_grad_(True) for t in (q, k, v, coords)]
     expected = reference.coor_attention(*inputs, sample=sample, scale=0.25, align_corners=align_corners)
-    for forward, backward in ((ca._op_cuda, ca._bwd_op_cuda), (ca._triton_op_forward, ca._triton_op_backward)):
+    for forward, backward in ((ca._direct_forward, ca._direct_backward), (ca._triton_op_forward, ca._triton_op_backward)):
         entered.clear()
+        direct.clear()
         out, lse = forward(q, k, v, coords, sample, 0.25, align_corners)
         go = torch.randn_like(out)
         grads = backward(go, q, k, v, coords, out, lse, sample, 0.25, align_corners)
         assert entered == [q.device, q.device]
+        # Directly launched outside the triton_op (real tensors only), by wrap_triton's rule inside.
+        assert set(direct) == {forward is ca._direct_forward}, direct
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
         for name, actual, want in zip("qkvc", grads, torch.autograd.grad(expected, inputs, go, retain_graph=True)):
             torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-11, msg=name)
@@ -936,25 +943,30 @@ def _spied_launches(names):
         ca._launch_triton = launch
 
 
+@pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("has_triton_op", [True, False])
-def test_python_api_reaches_the_kernels_through_the_triton_op(monkeypatch, has_triton_op):
-    """With triton_op (torch >= 2.6) the API calls coorkern::coor_attention_triton; without it
-    (torch 2.4/2.5) the interpreter's autograd.Function -- the Triton kernels either way."""
+def test_python_api_reaches_the_kernels(monkeypatch, has_triton_op, traced):
+    """Eager calls on plain tensors take the autograd.Function (launches not wrapped); under a
+    dispatch mode (tracing) the triton_op where torch has it (torch >= 2.6), else the
+    autograd.Function on CPU -- the Triton kernels every way, equal to the oracle."""
     if has_triton_op and not ca.HAS_TRITON_OP:
         pytest.skip("torch.library.triton_op needs torch >= 2.6")
     monkeypatch.setattr(ca, "HAS_TRITON_OP", has_triton_op)
-    called = []
+    called, direct = [], []
     op = getattr(ca, "_triton_fwd_op", None)
     if has_triton_op:
         monkeypatch.setattr(ca, "_triton_fwd_op", lambda *a: called.append("triton_op") or op(*a))
-    apply = ca._TritonOnCPU.apply
-    monkeypatch.setattr(ca._TritonOnCPU, "apply", lambda *a: called.append("function") or apply(*a))
+    apply = ca._TritonEager.apply
+    monkeypatch.setattr(ca._TritonEager, "apply", lambda *a: called.append("function") or apply(*a))
+    launch = ca._launch_triton
+    monkeypatch.setattr(ca, "_launch_triton", lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
     q, k, v, coords = (t.requires_grad_(True) for t in make_inputs("qk", n=6))
     launched = []
-    with coorkern.backend("triton"), _spied_launches(launched):
+    with coorkern.backend("triton"), _spied_launches(launched), (PassThroughMode() if traced else contextlib.nullcontext()):
         out = coorkern.coor_attention(q, k, v, coords, sample="qk", scale=0.5)
         grads = torch.autograd.grad(out, (q, k, v, coords), torch.ones_like(out))
-    assert called == (["triton_op"] if has_triton_op else ["function"])
+    assert called == (["triton_op"] if traced and has_triton_op else ["function"])
+    assert set(direct) == {called == ["function"]}, direct  # the Function's launches are direct
     assert {"_sample_kernel", "_attn_fwd_kernel", "_attn_bwd_dkv_kernel", "_scatter_kernel"} <= set(launched)
     expected, expected_grads = _oracle_and_grads(q, k, v, coords, torch.ones_like(out), "qk", 0.5, True)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)

@@ -334,7 +334,7 @@ def test_opcheck(cuda_device, dtype, reduction):
                           (grad_out, logits.detach(), target, 0.5, reduction))
     torch.library.opcheck(torch.ops.coorkern.central_loss_from_landmarks_backward.default,
                           (grad_out, logits.detach(), landmarks, 2.0, 2.0, reduction, None))
-    if cl_module.HAS_TRITON_OP:  # the triton_op path the Python API takes on CUDA
+    if cl_module.HAS_TRITON_OP:  # the triton_op path the Python API takes on CUDA when traced
         for data, from_landmarks in ((target, False), (landmarks, True)):
             torch.library.opcheck(torch.ops.coorkern.central_loss_triton.default,
                                   (logits, data, 2.0, 2.5, reduction, 3.0, from_landmarks))

@@ -320,7 +320,7 @@ def test_auto_runs_grid_sample_sdpa_except_fp64_and_deterministic(cuda_device, s
 @pytest.mark.parametrize("sample", ["qk", "kv"])
 def test_opcheck(cuda_device, sample, op):
     # coor_attention: the registered CUDA kernel (dispatcher callers); coor_attention_triton:
-    # the triton_op the Python API takes for the Triton kernels with torch >= 2.6.
+    # the triton_op traced calls of the Python API take for the Triton kernels (torch >= 2.6).
     if op.endswith("_triton") and not ca.HAS_TRITON_OP:
         pytest.skip("torch.library.triton_op needs torch >= 2.6")
     forward = getattr(torch.ops.coorkern, op)

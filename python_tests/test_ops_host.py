@@ -1,5 +1,6 @@
 """The ops' host helpers (coorkern/ops/_host.py): integer helpers against Triton's own, and
-the kernel launches of both ops going through wrap_triton on CUDA only."""
+the kernel launches of both ops going through wrap_triton on CUDA only (not from the eager
+autograd.Functions), and the rule for which calls are plain eager ones."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 import triton
 
 from coorkern.ops import central_loss, coor_attention
-from coorkern.ops._host import cdiv, next_power_of_2
+from coorkern.ops import _host
+from coorkern.ops._host import cdiv, direct_launches, next_power_of_2, plain_eager
+from triton_op_dispatch import PassThroughMode
 
 
 def test_cdiv_and_next_power_of_2_agree_with_triton():
@@ -40,3 +43,41 @@ def test_cuda_launches_go_through_wrap_triton(monkeypatch, module, launcher):
     monkeypatch.setattr(module, "HAS_TRITON_OP", False)  # torch 2.4/2.5: nothing to wrap with
     launch(kernel, (7,), cuda_tensor, 1.0, BLOCK=8)
     assert wrapped == [kernel] and launched == [(3,), (5,), (7,)]
+    monkeypatch.setattr(module, "HAS_TRITON_OP", True)
+    with direct_launches():  # the eager autograd.Functions: the kernel itself
+        with direct_launches():
+            launch(kernel, (9,), cuda_tensor, 1.0, BLOCK=8)
+        launch(kernel, (10,), cuda_tensor, 1.0, BLOCK=8)  # still inside the outer block
+    assert wrapped == [kernel] and launched == [(3,), (5,), (7,), (9,), (10,)]
+    launch(kernel, (11,), cuda_tensor, 1.0, BLOCK=8)
+    assert wrapped == [kernel, kernel] and launched[-1] == (11,)
+    with pytest.raises(KeyError), direct_launches():
+        raise KeyError  # an exception inside leaves the launches wrapped again
+    assert _host._direct.active is False
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_plain_eager_calls():
+    """Plain CPU/CUDA tensors (and parameters) outside compile and dispatch modes are plain eager
+    calls; fake, meta, subclass and torch.func-wrapped tensors, a dispatch mode on the stack
+    and torch.compile are not (those go to the triton_op)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.zeros(3)
+    assert plain_eager(x) and plain_eager(x, torch.nn.Parameter(torch.ones(2)))
+    assert not plain_eager(x, torch.empty(2, device="meta"))
+    assert not plain_eager(x, x.as_subclass(_Subclass))
+    with PassThroughMode():
+        assert not plain_eager(x)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert not plain_eager(fake)
+    seen = []
+    torch.func.grad(lambda t: seen.append(plain_eager(t)) or t.sum())(x)
+    torch.func.vmap(lambda t: seen.append(plain_eager(t)) or t)(torch.zeros(2, 3))
+    assert seen == [False, False] and plain_eager(x)
+    compiled = torch.compile(lambda t: t + 1 if plain_eager(t) else t - 1, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), x - 1)

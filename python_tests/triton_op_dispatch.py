@@ -1,10 +1,21 @@
-"""Launch counting through coorkern's triton_ops (a helper of the ops' launch-count tests).
+"""Launch counting through coorkern's triton_ops (a helper of the ops' launch-count tests), and
+a pass-through dispatch mode (the ops' routing tests: a stand-in for tracing).
 
 A ``TorchDispatchMode`` sees a triton_op as one opaque call; the launch-count tests want what
 it runs -- the Triton kernels and the torch ops of its Python body -- so they run the body
 under the mode instead.
 """
 from __future__ import annotations
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class PassThroughMode(TorchDispatchMode):
+    """A dispatch mode that changes nothing: under it coorkern's ops take their traced path
+    (``coorkern.ops._host.plain_eager`` is false), as under make_fx or fake tensors."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def run_triton_op_body(mode, func, args, kwargs, bodies: dict):

@@ -9,6 +9,7 @@ the ops' Python host path, not their kernels, the bottleneck at the detector's s
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -28,10 +29,48 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_direct = threading.local()
+
+
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether an op call may run its kernels through a plain ``torch.autograd.Function``
+    instead of its ``triton_op``: eager execution (not torch.compile; no dispatch mode, such as
+    FakeTensorMode, make_fx's proxy mode or functionalization, on the stack) on plain CUDA or
+    CPU tensors (no subclass, no torch.func wrapper).
+
+    The triton_op is there for tracing (Inductor and torch.export see its kernels); called
+    eagerly, its custom-op dispatch and autograd wrapper took more Python host time than
+    everything else in the call (``bench/host_overhead.py``, kernel launches stubbed, this
+    2-core VM: central loss forward + backward 74 -> 32 us, attention 200 -> 136 us).
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) in _PLAIN_TENSOR_TYPES and t.device.type in ("cuda", "cpu")
+               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+@contextlib.contextmanager
+def direct_launches():
+    """Inside (the eager autograd.Functions): ``launchable`` hands out the kernels themselves.
+    Outside a triton_op, ``wrap_triton``'s wrapper would launch through the
+    ``triton_kernel_wrapper_mutation`` higher-order op, slow in eager (torch's own comment on
+    ``set_wrap_triton_enabled``: "~1ms")."""
+    previous = getattr(_direct, "active", False)
+    _direct.active = True
+    try:
+        yield
+    finally:
+        _direct.active = previous
+
+
 def launchable(kernel, device: torch.device, wrap: bool):
     """``kernel`` wrapped by ``torch.library.wrap_triton`` for a CUDA launch when ``wrap`` (the
-    op module's ``HAS_TRITON_OP``); the interpreter's CPU launches cannot be wrapped."""
-    return torch.library.wrap_triton(kernel) if wrap and device.type == "cuda" else kernel
+    op module's ``HAS_TRITON_OP``) outside :func:`direct_launches`; the interpreter's CPU
+    launches cannot be wrapped."""
+    if wrap and device.type == "cuda" and not getattr(_direct, "active", False):
+        return torch.library.wrap_triton(kernel)
+    return kernel
 
 
 def device_guard(tensor: torch.Tensor):

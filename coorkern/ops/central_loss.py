@@ -33,11 +33,12 @@ inputs).  The grid is 1-D (B*L rows x chunks), so B*L is not bounded by the 6553
 of grid axes 1 and 2.  float scalars are fp64 kernel parameters (Triton's launcher would
 pass plain Python floats as fp32) and launches run under the tensors' device guard.
 On CUDA the launch configuration is autotuned (``TUNING_CONFIGS``, hand-picked one first;
-never under the interpreter).  With torch >= 2.6 the Python API reaches the kernels through
-``torch.library.triton_op`` ops (``coorkern::central_loss_triton[_backward]``, kernels
-wrapped by ``wrap_triton``) that torch.compile/Inductor and torch.export can see into; the
-C++-schema ops ``coorkern::central_loss*`` keep their opaque CUDA kernels for dispatcher
-callers, and torch 2.4/2.5 (no triton_op) use those from Python too.
+never under the interpreter).  Eager calls on plain tensors launch the kernels from a
+``torch.autograd.Function`` (the least host time); traced calls (torch.compile, export, fake
+tensors) reach them, with torch >= 2.6, through ``torch.library.triton_op`` ops
+(``coorkern::central_loss_triton[_backward]``, kernels wrapped by ``wrap_triton``) that
+Inductor and torch.export can see into; the C++-schema ops ``coorkern::central_loss*`` keep
+their opaque CUDA kernels for dispatcher callers, and torch 2.4/2.5 trace those.
 
 SASS instructions per element of the loop body (fp32, r = 2, 8 warps; growth of the
 static count from 4 to 8 elements per thread, ``test_sass_instructions_per_element``),
@@ -66,7 +67,7 @@ import triton.language as tl
 from .. import _backend, reference
 from .._checks import check_choice, check_number, check_same_device, check_tensor
 from .._library import define_op
-from ._host import HAS_TRITON_OP, cdiv, device_guard, launchable
+from ._host import HAS_TRITON_OP, cdiv, device_guard, direct_launches, launchable, plain_eager
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -465,24 +466,38 @@ _lm_op = define_op(
 _lm_bwd_op = define_op(SCHEMAS["central_loss_from_landmarks_backward"], _reference_landmarks_grad)
 
 
-@torch.library.register_kernel("coorkern::central_loss", "cuda")
+def _direct_loss(logits, target, landmarks, sigma, r, reduction, radius):
+    """The kernels on real tensors (the opaque ops' CUDA kernels, the eager autograd.Function):
+    launched directly, never through wrap_triton (whose wrapper is for the traced triton_op)."""
+    with direct_launches():
+        return _triton_loss(logits, target, landmarks, sigma, r, reduction, radius)
+
+
+def _direct_grad(grad_output, logits, target, landmarks, sigma, r, reduction, radius):
+    with direct_launches():
+        return _triton_grad(grad_output, logits, target, landmarks, sigma, r, reduction, radius)
+
+
 def _cl_cuda(logits, target, r, reduction):
-    return _triton_loss(logits, target, None, 1.0, r, reduction, None)
+    return _direct_loss(logits, target, None, 1.0, r, reduction, None)
 
 
-@torch.library.register_kernel("coorkern::central_loss_backward", "cuda")
 def _cl_bwd_cuda(grad_output, logits, target, r, reduction):
-    return _triton_grad(grad_output, logits, target, None, 1.0, r, reduction, None)
+    return _direct_grad(grad_output, logits, target, None, 1.0, r, reduction, None)
 
 
-@torch.library.register_kernel("coorkern::central_loss_from_landmarks", "cuda")
 def _lm_cuda(logits, landmarks, sigma, r, reduction, radius):
-    return _triton_loss(logits, None, landmarks, sigma, r, reduction, radius)
+    return _direct_loss(logits, None, landmarks, sigma, r, reduction, radius)
 
 
-@torch.library.register_kernel("coorkern::central_loss_from_landmarks_backward", "cuda")
 def _lm_bwd_cuda(grad_output, logits, landmarks, sigma, r, reduction, radius):
-    return _triton_grad(grad_output, logits, None, landmarks, sigma, r, reduction, radius)
+    return _direct_grad(grad_output, logits, None, landmarks, sigma, r, reduction, radius)
+
+
+# (register_kernel as a decorator returns None: registered by call, so the functions keep their names.)
+for _name, _kernel in (("central_loss", _cl_cuda), ("central_loss_backward", _cl_bwd_cuda),
+                       ("central_loss_from_landmarks", _lm_cuda), ("central_loss_from_landmarks_backward", _lm_bwd_cuda)):
+    torch.library.register_kernel(f"coorkern::{_name}", "cuda", _kernel)
 
 
 @torch.library.register_fake("coorkern::central_loss")
@@ -565,37 +580,37 @@ if HAS_TRITON_OP:
 
 
 def _triton_apply(logits, target, landmarks, sigma, r, reduction, radius):
-    """The Triton kernels with autograd: through the triton_op where torch has it (CUDA, and
-    CPU tensors under the interpreter, eagerly), else the opaque ops / the CPU wiring."""
+    """The Triton kernels with autograd.  Eager calls on plain tensors take the
+    autograd.Function (``plain_eager``: less host time than the custom-op dispatch); traced
+    ones the triton_op where torch has it (Inductor sees its kernels), else the opaque
+    registered ops (torch 2.4/2.5; the interpreter's CPU tensors keep the autograd.Function)."""
     from_landmarks = landmarks is not None
+    data = landmarks if from_landmarks else target
+    if plain_eager(logits, data):
+        return _TritonEager.apply(logits, target, landmarks, sigma, r, reduction, radius)
     if HAS_TRITON_OP:
-        return _triton_fwd_op(logits, landmarks if from_landmarks else target, sigma, r, reduction, radius,
-                              from_landmarks)
+        return _triton_fwd_op(logits, data, sigma, r, reduction, radius, from_landmarks)
     if logits.device.type == "cpu":
-        return _TritonOnCPU.apply(logits, target, landmarks, sigma, r, reduction, radius)
+        return _TritonEager.apply(logits, target, landmarks, sigma, r, reduction, radius)
     if from_landmarks:
         return _lm_op(logits, landmarks, sigma, r, reduction, radius)
     return _cl_op(logits, target, r, reduction)
 
 
-class _TritonOnCPU(torch.autograd.Function):
-    """Autograd for the Triton kernels on CPU tensors (interpreter; tests only).
-
-    On CUDA the same launchers run behind ``torch.ops.coorkern.*``; on CPU that
-    dispatch key belongs to the C++ kernels, so the interpreter path is wired here.
-    """
+class _TritonEager(torch.autograd.Function):
+    """Autograd for the Triton kernels called eagerly (CUDA, and CPU tensors under the
+    interpreter), launched directly: no custom-op dispatch, no ``wrap_triton``."""
 
     @staticmethod
     def forward(ctx, logits, target, landmarks, sigma, r, reduction, radius):
         ctx.args = (sigma, r, reduction, radius)
         ctx.save_for_backward(logits, target, landmarks)
-        return _triton_loss(logits, target, landmarks, sigma, r, reduction, radius)
+        return _direct_loss(logits, target, landmarks, sigma, r, reduction, radius)
 
     @staticmethod
     def backward(ctx, grad_output):
         logits, target, landmarks = ctx.saved_tensors
-        grad = _triton_grad(grad_output, logits, target, landmarks, *ctx.args)
-        return grad, None, None, None, None, None, None
+        return _direct_grad(grad_output, logits, target, landmarks, *ctx.args), None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------

@@ -31,7 +31,8 @@ first GPU that ran them (an H200, ``bench/RESULTS.md``) these kernels lost to AT
 composition and keeps the kernels for what it cannot do (float64, deterministic mode);
 ``coorkern.backend("triton")`` or ``COORKERN_CUDA_ATTENTION=triton`` runs them anyway.
 
-With torch >= 2.6 the Python API reaches these kernels through the ``torch.library.triton_op``
+Eager calls on plain tensors launch these kernels from a ``torch.autograd.Function`` (the least
+host time); traced calls reach them, with torch >= 2.6, through the ``torch.library.triton_op``
 ops ``coorkern::coor_attention_triton[_backward]`` (launches wrapped by ``wrap_triton``, no
 autotuning while traced), which torch.compile/Inductor and torch.export see into; the
 C++-schema ops below keep an opaque CUDA kernel for dispatcher callers and torch 2.4/2.5.
@@ -59,7 +60,7 @@ from ._attention_kernels import (_attn_bwd_dkv_kernel, _attn_bwd_dq_kernel, _att
                                  _row_dot_kernel, _sample_kernel, _scatter_kernel)
 from ._attention_aot import aot_spec, aot_variants  # noqa: F401  (public for AOT builds)
 from ._attention_launch import block_d, launch_config
-from ._host import HAS_TRITON_OP, cdiv, device_guard, launchable
+from ._host import HAS_TRITON_OP, cdiv, device_guard, direct_launches, launchable, plain_eager
 
 __all__ = ["coor_attention", "CoorAttention"]
 
@@ -337,20 +338,21 @@ _op = define_op(SCHEMAS["coor_attention"], _reference_forward)
 _bwd_op = define_op(SCHEMAS["coor_attention_backward"], _reference_backward)
 
 
-def _op_cuda(q, k, v, coords, sample, scale, align_corners):
-    # Triton launches on the current device's current stream: make that q's device
-    # (tensors on cuda:1 while cuda:0 is current).
-    with device_guard(q):
+def _direct_forward(q, k, v, coords, sample, scale, align_corners):
+    """The kernels on real tensors (the opaque op's CUDA kernel, the eager autograd.Function):
+    launched directly, never through wrap_triton, on q's device -- Triton launches on the
+    current device's current stream (tensors on cuda:1 while cuda:0 is current)."""
+    with device_guard(q), direct_launches():
         return _triton_forward(q, k, v, coords, sample, scale, align_corners)
 
 
-def _bwd_op_cuda(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners):
-    with device_guard(q):
+def _direct_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners):
+    with device_guard(q), direct_launches():
         return _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_corners)
 
 
-torch.library.register_kernel("coorkern::coor_attention", "cuda", _op_cuda)
-torch.library.register_kernel("coorkern::coor_attention_backward", "cuda", _bwd_op_cuda)
+torch.library.register_kernel("coorkern::coor_attention", "cuda", _direct_forward)
+torch.library.register_kernel("coorkern::coor_attention_backward", "cuda", _direct_backward)
 
 
 @torch.library.register_fake("coorkern::coor_attention")
@@ -427,25 +429,26 @@ if HAS_TRITON_OP:
 
 
 def _triton_apply(q, k, v, coords, sample, scale, align_corners):
-    """The Triton kernels with autograd -> (out, lse): through the triton_op where torch has
-    it, else the opaque CUDA op / the interpreter's autograd.Function on CPU."""
+    """The Triton kernels with autograd -> (out, lse).  Eager calls on plain tensors take the
+    autograd.Function (``plain_eager``: less host time than the custom-op dispatch); traced
+    ones the triton_op where torch has it (Inductor sees its kernels), else the opaque CUDA op
+    (torch 2.4/2.5; the interpreter's CPU tensors keep the autograd.Function)."""
+    if plain_eager(q, k, v, coords):
+        return _TritonEager.apply(q, k, v, coords, sample, scale, align_corners)
     if HAS_TRITON_OP:
         return _triton_fwd_op(q, k, v, coords, sample, scale, align_corners)
     if q.device.type == "cpu":
-        return _TritonOnCPU.apply(q, k, v, coords, sample, scale, align_corners)
+        return _TritonEager.apply(q, k, v, coords, sample, scale, align_corners)
     return _op(q, k, v, coords, sample, scale, align_corners)
 
 
-class _TritonOnCPU(torch.autograd.Function):
-    """Autograd for the Triton kernels on CPU tensors (interpreter; tests only).
-
-    On CUDA the same launchers run behind ``torch.ops.coorkern.*``; on CPU that dispatch
-    key belongs to the C++ kernels, so the interpreter path is wired here.
-    """
+class _TritonEager(torch.autograd.Function):
+    """Autograd for the Triton kernels called eagerly (CUDA, and CPU tensors under the
+    interpreter), launched directly: no custom-op dispatch, no ``wrap_triton``."""
 
     @staticmethod
     def forward(ctx, q, k, v, coords, sample, scale, align_corners):
-        out, lse = _triton_forward(q, k, v, coords, sample, scale, align_corners)
+        out, lse = _direct_forward(q, k, v, coords, sample, scale, align_corners)
         ctx.args = (sample, scale, align_corners)
         ctx.save_for_backward(q, k, v, coords, out, lse)
         ctx.mark_non_differentiable(lse)
@@ -454,7 +457,7 @@ class _TritonOnCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        return _input_grads(_triton_backward, ctx, grad_out)
+        return _input_grads(_direct_backward, ctx, grad_out)
 
 
 # ---------------------------------------------------------------------------
