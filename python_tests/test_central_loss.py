@@ -858,14 +858,39 @@ def test_api_route_eager_and_traced(monkeypatch, has_triton_op, traced):
     launch = cl_module._launch
     monkeypatch.setattr(cl_module, "_launch", lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
     logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    target = torch.rand(2, 3, 9, 8, dtype=torch.float64)
     landmarks = landmark_cases(2, 3, 9, 8)
-    with PassThroughMode() if traced else contextlib.nullcontext():
-        loss, grad = loss_and_grad("triton", coorkern.central_loss_from_landmarks, logits, landmarks, r=2.5)
-    assert called == (["triton_op"] if traced and has_triton_op else ["function"])
-    assert len(direct) == 3 and set(direct) == {called == ["function"]}, direct
-    ref_loss, ref_grad = oracle(reference.central_loss_from_landmarks, logits, landmarks, r=2.5)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+    # Every argument reaches the kernels: sigma, a radius that cuts the Gaussians, "mean".
+    for fn, ref_fn, data, options in (
+            (coorkern.central_loss, reference.central_loss, target, {}),
+            (coorkern.central_loss_from_landmarks, reference.central_loss_from_landmarks, landmarks,
+             {"sigma": 1.7, "radius": 2.5})):
+        called.clear()
+        direct.clear()
+        with PassThroughMode() if traced else contextlib.nullcontext():
+            loss, grad = loss_and_grad("triton", fn, logits, data, r=2.5, reduction="mean", **options)
+        assert called == (["triton_op"] if traced and has_triton_op else ["function"])
+        assert len(direct) == 3 and set(direct) == {called == ["function"]}, direct
+        ref_loss, ref_grad = oracle(ref_fn, logits, data, r=2.5, reduction="mean", **options)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("not_plain", ["logits", "data"])
+def test_api_route_needs_every_tensor_plain(monkeypatch, not_plain):
+    """One tensor that is not a plain CPU/CUDA tensor (a meta one here) sends the call to the
+    traced path, whichever argument it is."""
+    calls = []
+    monkeypatch.setattr(cl_module._TritonEager, "apply", lambda *a: calls.append("function"))
+    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", True)
+    monkeypatch.setattr(cl_module, "_triton_fwd_op", lambda *a: calls.append(("triton_op", a)), raising=False)
+    plain = {"logits": torch.zeros(2, 3, 4, 5), "data": torch.zeros(2, 3, 2)}
+    tensors = {name: t.to("meta") if name == not_plain else t for name, t in plain.items()}
+    cl_module._triton_apply(tensors["logits"], None, tensors["data"], 1.5, 2.5, "sum", 3.0)
+    assert calls == [("triton_op", (tensors["logits"], tensors["data"], 1.5, 2.5, "sum", 3.0, True))]
+    calls.clear()
+    cl_module._triton_apply(plain["logits"], None, plain["data"], 1.5, 2.5, "sum", 3.0)
+    assert calls == ["function"]
 
 
 def test_registered_cuda_kernels_launch_directly(monkeypatch):
@@ -877,14 +902,15 @@ def test_registered_cuda_kernels_launch_directly(monkeypatch):
     logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     landmarks, target = landmark_cases(2, 3, 9, 8), torch.rand(2, 3, 9, 8, dtype=torch.float64)
     grad_out = torch.tensor(0.7, dtype=torch.float64)
-    results = [cl_module._cl_cuda(logits, target, 2.0, "sum"), cl_module._cl_bwd_cuda(grad_out, logits, target, 2.0, "sum"),
-               cl_module._lm_cuda(logits, landmarks, 2.0, 2.0, "sum", None),
-               cl_module._lm_bwd_cuda(grad_out, logits, landmarks, 2.0, 2.0, "sum", None)]
+    results = [cl_module._cl_cuda(logits, target, 2.0, "mean"),
+               cl_module._cl_bwd_cuda(grad_out, logits, target, 2.0, "mean"),
+               cl_module._lm_cuda(logits, landmarks, 1.7, 2.0, "mean", 2.5),
+               cl_module._lm_bwd_cuda(grad_out, logits, landmarks, 1.7, 2.0, "mean", 2.5)]
     assert direct == [True] * 6 and not _host._direct.active
-    expected = [reference.central_loss(logits, target, 2.0, "sum"),
-                cl_module._reference_grad(grad_out, logits, target, 2.0, "sum"),
-                reference.central_loss_from_landmarks(logits, landmarks, 2.0, 2.0, "sum"),
-                cl_module._reference_landmarks_grad(grad_out, logits, landmarks, 2.0, 2.0, "sum", None)]
+    expected = [reference.central_loss(logits, target, 2.0, "mean"),
+                cl_module._reference_grad(grad_out, logits, target, 2.0, "mean"),
+                reference.central_loss_from_landmarks(logits, landmarks, 1.7, 2.0, "mean", 2.5),
+                cl_module._reference_landmarks_grad(grad_out, logits, landmarks, 1.7, 2.0, "mean", 2.5)]
     for actual, want in zip(results, expected):
         torch.testing.assert_close(actual, want, rtol=1e-10, atol=1e-14)
 

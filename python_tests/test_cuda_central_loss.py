@@ -17,6 +17,7 @@ import torch
 
 import coorkern
 from coorkern import reference
+from coorkern.ops import _host
 from coorkern.ops import central_loss as cl_module
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -400,3 +401,21 @@ def test_detector_training_step_mixed_precision(cuda_device, amp):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) == len(list(model.parameters()))
     assert all(torch.isfinite(g).all() for g in grads)  # the last step's (unscaled) gradients
+
+
+def test_eager_calls_take_the_autograd_function_with_direct_launches(cuda_device, monkeypatch):
+    """Eager CUDA calls on plain tensors skip the triton_op (its custom-op dispatch was most of
+    the Python host time) and launch the kernels directly, not through wrap_triton's HOP."""
+    assert _host.plain_eager(torch.zeros(1, device=cuda_device))
+    called, direct = [], []
+    apply = cl_module._TritonEager.apply
+    monkeypatch.setattr(cl_module._TritonEager, "apply", lambda *a: called.append("function") or apply(*a))
+    launch = cl_module._launch
+    monkeypatch.setattr(cl_module, "_launch", lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
+    logits = torch.randn(2, 3, 9, 8, device=cuda_device)
+    landmarks = torch.rand(2, 3, 2, device=cuda_device) * 7
+    loss, grad = loss_and_grad(coorkern.central_loss_from_landmarks, logits, landmarks, 2.0, 2.0, "mean")
+    assert called == ["function"] and direct == [True] * 3
+    want_loss, want_grad = oracle(reference.central_loss_from_landmarks, logits, landmarks, 2.0, 2.0, "mean")
+    assert_close(loss, want_loss, 1e-5, "loss")
+    assert_close(grad, want_grad, 1e-4, "grad")

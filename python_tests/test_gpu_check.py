@@ -200,3 +200,25 @@ def test_host_overhead_empty_kernel_compiles_for_sm90(monkeypatch):
     signature = {**{f"p{i}": "*fp32" for i in range(5)}, **{f"a{i}": "i32" for i in range(19)}}
     report = compile_for_gpu(host_overhead.empty_kernel, signature, {"BLOCK": 16}, arch=90)
     assert report.local_bytes == 0 and 0 < report.registers <= 32
+
+
+def test_step_anatomy_counts_the_ops_of_a_training_step(gpu_check, capsys):
+    """bench/step_anatomy.py: every part of a step dispatches ops, coorkern's ops replace the
+    reference's many ops by few, and the FLOPs are counted (meta tensors, a tiny size)."""
+    spec = importlib.util.spec_from_file_location("step_anatomy", os.path.join(ROOT, "bench", "step_anatomy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--size", "32", "32", "--base", "4"]) == 0
+    out = capsys.readouterr().out
+    (table,) = gpu_check.markdown_tables(out)
+    rows = {r["ops"]: r for r in gpu_check.table_rows(table)}
+    ref, ours = rows["eager reference ops"], rows["coorkern (auto)"]
+    for row in (ref, ours):
+        parts = [int(row[k]) for k in ("forward", "backward", "optimizer")]
+        assert min(parts) > 0 and sum(parts) == int(row["step"])
+        assert 0 < int(row["forward, inside coorkern's ops"]) < int(row["forward"])
+    assert int(ours["forward, inside coorkern's ops"]) < int(ref["forward, inside coorkern's ops"])
+    assert int(ours["step"]) < int(ref["step"]) and ref["optimizer"] == ours["optimizer"]
+    assert int(ref["+ optimizer CPU scalar reads"]) > 0
+    flops = out.split("FLOPs of one forward + backward at 32x32, base 4: ")[1].split(" GFLOP")[0]
+    assert float(flops) > 0, out

@@ -56,11 +56,34 @@ def test_cuda_launches_go_through_wrap_triton(monkeypatch, module, launcher):
     assert _host._direct.active is False
 
 
+def test_direct_launches_are_per_thread(monkeypatch):
+    """The switch is thread-local and off in a thread that never touched it (an autograd
+    engine thread runs a backward outside the forward's block)."""
+    import threading
+
+    wrapped = []
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: wrapped.append(kernel) or kernel)
+    cuda = torch.device("cuda", 0)
+    seen = {}
+
+    def fresh_thread():
+        seen["fresh"] = _host.launchable("k1", cuda, True)
+        with direct_launches():
+            seen["inside"] = _host.launchable("k2", cuda, True)
+        seen["after"] = _host._direct.active
+
+    with direct_launches():
+        worker = threading.Thread(target=fresh_thread)
+        worker.start()
+        worker.join()
+    assert seen == {"fresh": "k1", "inside": "k2", "after": False} and wrapped == ["k1"]
+
+
 class _Subclass(torch.Tensor):
     pass
 
 
-def test_plain_eager_calls():
+def test_plain_eager_calls(monkeypatch):
     """Plain CPU/CUDA tensors (and parameters) outside compile and dispatch modes are plain eager
     calls; fake, meta, subclass and torch.func-wrapped tensors, a dispatch mode on the stack
     and torch.compile are not (those go to the triton_op)."""
@@ -79,5 +102,11 @@ def test_plain_eager_calls():
     torch.func.grad(lambda t: seen.append(plain_eager(t)) or t.sum())(x)
     torch.func.vmap(lambda t: seen.append(plain_eager(t)) or t)(torch.zeros(2, 3))
     assert seen == [False, False] and plain_eager(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what Dynamo makes it
+    assert not plain_eager(x)
+
+
+def test_plain_eager_is_false_under_torch_compile():
     compiled = torch.compile(lambda t: t + 1 if plain_eager(t) else t - 1, backend="eager", fullgraph=True)
-    assert torch.equal(compiled(x), x - 1)
+    x = torch.zeros(3)
+    assert torch.equal(compiled(x), x - 1) and plain_eager(x)
