@@ -17,7 +17,9 @@ so small that the GPU is never the bottleneck, so the time per call is host time
   public function (eagerly: the ops' ``torch.autograd.Function``), forward and forward +
   backward, and through the triton_op that traced calls take.
 
-The difference between rows is what a layer costs; the rows are what to cut next.  On a
+The difference between rows is what a layer costs; the rows are what to cut next.
+``--stub-launches`` replaces the ops' kernel launches by no-ops, so that on a CPU (with
+``TRITON_INTERPRET=1``) the op rows time their Python host path alone.  On a
 machine without CUDA ``--device cpu`` runs the rows that need no GPU (the Triton rows read
 "needs CUDA"; with ``TRITON_INTERPRET=1`` they run under the interpreter, to check this
 script, not to measure).
@@ -131,9 +133,19 @@ def rows_for(device: torch.device) -> list[tuple[str, object]]:
         rows += [("empty Triton kernel, 24 args: kernel[grid](...)", needs),
                  ("  the same through torch.library.wrap_triton", needs)]
 
+    # The loss's public rows run its Triton kernels wherever they can (CUDA: what auto runs;
+    # the interpreter), else (a plain CPU) its C++ kernels.
+    loss_backend = "triton" if cuda else "auto"
+
+    def loss_fwd():
+        with coorkern.backend(loss_backend):
+            coorkern.central_loss_from_landmarks(logits.detach(), landmarks, sigma=2.0)
+
     def loss_fwd_bwd():
         logits.grad = None
-        coorkern.central_loss_from_landmarks(logits, landmarks, sigma=2.0).backward()
+        with coorkern.backend(loss_backend):
+            loss = coorkern.central_loss_from_landmarks(logits, landmarks, sigma=2.0)
+        loss.backward()
 
     attention_args = dict(sample="qk", scale=0.25, align_corners=True)
 
@@ -142,28 +154,33 @@ def rows_for(device: torch.device) -> list[tuple[str, object]]:
 
     with torch.no_grad():
         out, lse = ca._direct_forward(q, k, v, coords, **attention_args) if cuda else (None, None)
-    def loss_triton_op_fwd_bwd():  # the traced path's op, called eagerly
-        logits.grad = None
-        cl._triton_fwd_op(logits, landmarks, 2.0, 2.0, "mean", None, True).backward()
 
-    def attention_triton_op_fwd_bwd():
-        torch.autograd.grad(ca._triton_fwd_op(q, k, v, coords, **attention_args)[0].sum(), (q, k, v, coords))
+    def through_triton_op(step):
+        """``step`` with the ops routed as traced calls are (the triton_op), called eagerly."""
+        def call():
+            eager = cl.plain_eager, ca.plain_eager
+            cl.plain_eager = ca.plain_eager = lambda *tensors: False
+            try:
+                step()
+            finally:
+                cl.plain_eager, ca.plain_eager = eager
+        return call
 
     triton_op = "needs torch.library.triton_op (torch >= 2.6)"
     triton_rows = [
         ("central loss: _direct_loss (loss, 2 launches)",
          lambda: cl._direct_loss(logits.detach(), None, landmarks, 2.0, 2.0, "mean", None)),
-        ("central loss: public function, forward", lambda: coorkern.central_loss_from_landmarks(
-            logits.detach(), landmarks, sigma=2.0)),
+        ("central loss: public function, forward", loss_fwd),
         ("central loss: public function, forward + backward", loss_fwd_bwd),
-        ("  the same through its triton_op (the traced path)", loss_triton_op_fwd_bwd if cl.HAS_TRITON_OP else triton_op),
+        ("  the same through its triton_op (the traced path)",
+         through_triton_op(loss_fwd_bwd) if cl.HAS_TRITON_OP else triton_op),
         ("attention: _direct_forward (3 launches)", lambda: ca._direct_forward(q.detach(), k.detach(), v.detach(),
                                                                                  coords.detach(), **attention_args)),
         ("attention: _direct_backward (9-11 launches)", lambda: ca._direct_backward(
             torch.ones_like(out), q.detach(), k.detach(), v.detach(), coords.detach(), out, lse, **attention_args)),
         ("attention (Triton forced): forward + backward", lambda: _with_triton(attention_fwd_bwd)),
         ("  the same through its triton_op (the traced path)",
-         attention_triton_op_fwd_bwd if ca.HAS_TRITON_OP else triton_op),
+         through_triton_op(lambda: _with_triton(attention_fwd_bwd)) if ca.HAS_TRITON_OP else triton_op),
     ]
     rows += [(name, call if cuda or "public function" in name or isinstance(call, str) else needs)
              for name, call in triton_rows]
@@ -181,8 +198,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=200, help="calls per timed round (5 rounds, median)")
+    parser.add_argument("--stub-launches", action="store_true",
+                        help="replace both ops' kernel launches by no-ops: the rows then time the Python host path "
+                             "alone (with TRITON_INTERPRET=1, a CPU measurement of it; outputs are garbage)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.stub_launches:
+        from coorkern.ops import central_loss as cl
+        from coorkern.ops import coor_attention as ca
+
+        cl._launch = ca._launch_triton = lambda *args, **kwargs: None
     print(f"device: {_common.device_name(device)}; host microseconds per call, tiny inputs "
           f"(median of 5 rounds of {args.iters} calls)", flush=True)
     _common.start_table(["layer", "host us per call"])

@@ -159,12 +159,14 @@ def test_main_on_a_pretend_gpu_runs_every_stage_and_judges_the_targets(gpu_check
     assert [name for name, _, _ in seen] == ["attention benchmark, fp32"]
 
 
-def test_host_overhead_dry_run_on_cpu():
+@pytest.mark.parametrize("options", [[], ["--stub-launches"]])
+def test_host_overhead_dry_run_on_cpu(options):
     """bench/host_overhead.py (the host-profile stage's first table) on CPU tensors under the
-    interpreter: every row runs and gets a number -- the numbers themselves mean nothing here."""
+    interpreter, with and without its launches stubbed: every row runs and gets a number --
+    without the stubs the numbers themselves mean nothing here."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), "--device", "cpu",
-                          "--iters", "1"], env=env, capture_output=True, text=True, timeout=300)
+                          "--iters", "1", *options], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     spec = importlib.util.spec_from_file_location("gpu_check_for_tables", SCRIPT)
     module = importlib.util.module_from_spec(spec)
