@@ -237,8 +237,10 @@ def host_profile(reps: int, device: str = "cuda") -> None:
 
     import coorkern
 
-    # First the layers' host cost on tiny inputs (bench/host_overhead.py), then the profiles.
+    # First the layers' host cost on tiny inputs (bench/host_overhead.py), with real and with
+    # stubbed launches (their difference is what the launches cost), then the profiles.
     host_overhead.main(["--device", device, "--iters", "50"])
+    host_overhead.main(["--device", device, "--iters", "50", "--stub-launches"])
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 19, 512, 416, generator=gen).to(device, torch.bfloat16).requires_grad_(True)

@@ -203,13 +203,22 @@ def main(argv=None) -> int:
                              "alone (with TRITON_INTERPRET=1, a CPU measurement of it; outputs are garbage)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.stub_launches:
-        from coorkern.ops import central_loss as cl
-        from coorkern.ops import coor_attention as ca
+    from coorkern.ops import central_loss as cl
+    from coorkern.ops import coor_attention as ca
 
+    launchers = cl._launch, ca._launch_triton
+    if args.stub_launches:
         cl._launch = ca._launch_triton = lambda *args, **kwargs: None
+    try:
+        return _print_rows(device, args)
+    finally:  # a caller's later steps (gpu_check's profiles) launch for real
+        cl._launch, ca._launch_triton = launchers
+
+
+def _print_rows(device: torch.device, args) -> int:
+    stubbed = "; kernel launches stubbed (Python host path only)" if args.stub_launches else ""
     print(f"device: {_common.device_name(device)}; host microseconds per call, tiny inputs "
-          f"(median of 5 rounds of {args.iters} calls)", flush=True)
+          f"(median of 5 rounds of {args.iters} calls){stubbed}", flush=True)
     _common.start_table(["layer", "host us per call"])
     table: list[list[str]] = []
     for name, call in rows_for(device):

@@ -974,6 +974,23 @@ def test_python_api_reaches_the_kernels(monkeypatch, has_triton_op, traced):
         torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-11, msg=label)
 
 
+@pytest.mark.parametrize("not_plain", ["q", "k", "v", "coords"])
+def test_route_needs_every_tensor_plain(monkeypatch, not_plain):
+    """One tensor that is not a plain CPU/CUDA tensor (a meta one here) sends the call to the
+    traced path (the triton_op), whichever argument it is."""
+    calls = []
+    monkeypatch.setattr(ca._TritonEager, "apply", lambda *a: calls.append("function"))
+    monkeypatch.setattr(ca, "HAS_TRITON_OP", True)
+    monkeypatch.setattr(ca, "_triton_fwd_op", lambda *a: calls.append(("triton_op", a)), raising=False)
+    plain = dict(zip(("q", "k", "v", "coords"), make_inputs("kv")))
+    tensors = {name: t.to("meta") if name == not_plain else t for name, t in plain.items()}
+    ca._triton_apply(*tensors.values(), "kv", 0.7, False)
+    assert calls == [("triton_op", (*tensors.values(), "kv", 0.7, False))]
+    calls.clear()
+    ca._triton_apply(*plain.values(), "kv", 0.7, False)
+    assert calls == ["function"]
+
+
 def test_cuda_path_without_triton_op_calls_the_registered_op(monkeypatch):
     """torch 2.4/2.5 on a GPU: coorkern::coor_attention (whose CUDA kernel launches the Triton
     kernels) gets every argument; meta tensors stand in for CUDA ones."""

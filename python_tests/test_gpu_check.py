@@ -224,3 +224,17 @@ def test_step_anatomy_counts_the_ops_of_a_training_step(gpu_check, capsys):
     assert int(ref["+ optimizer CPU scalar reads"]) > 0
     flops = out.split("FLOPs of one forward + backward at 32x32, base 4: ")[1].split(" GFLOP")[0]
     assert float(flops) > 0, out
+
+
+def test_host_profile_stage_dry_run_on_cpu():
+    """gpu_check's host-profile stage on a CPU (no interpreter: the Triton rows say "needs
+    CUDA"): both host_overhead tables, real and stubbed launches, then every op's profile."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, SCRIPT, "--stage", "host-profile", "--device", "cpu", "--reps", "1"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    headers = [line for line in out.stdout.splitlines() if line.startswith("device:")]
+    assert len(headers) == 2 and "stubbed" not in headers[0] and "launches stubbed" in headers[1], headers
+    profiled = [line for line in out.stdout.splitlines() if line.startswith("--- ")]
+    assert len(profiled) == 3 and all(" ms per fwd+bwd" in line for line in profiled), profiled
