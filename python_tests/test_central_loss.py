@@ -25,7 +25,7 @@ import coorkern
 from coorkern import reference
 from coorkern.ops import _host
 from coorkern.ops import central_loss as cl_module
-from triton_op_dispatch import PassThroughMode, run_triton_op_body
+from triton_op_dispatch import PassThroughMode, run_triton_op_body, spy_routes
 
 BACKENDS = ["cpp", "triton"]
 RS = [0.0, 0.5, 1.0, 2.0, 3.0]
@@ -846,17 +846,7 @@ def test_api_route_eager_and_traced(monkeypatch, has_triton_op, traced):
     """Eager calls on plain tensors run the kernels from the autograd.Function, launched
     directly (no wrap_triton); under a dispatch mode (tracing) through the triton_op where
     torch has it, else the autograd.Function on CPU -- equal to the oracle every way."""
-    if has_triton_op and not cl_module.HAS_TRITON_OP:
-        pytest.skip("torch.library.triton_op needs torch >= 2.6")
-    monkeypatch.setattr(cl_module, "HAS_TRITON_OP", has_triton_op)
-    called, direct = [], []
-    op = getattr(cl_module, "_triton_fwd_op", None)
-    if has_triton_op:
-        monkeypatch.setattr(cl_module, "_triton_fwd_op", lambda *a: called.append("triton_op") or op(*a))
-    apply = cl_module._TritonEager.apply
-    monkeypatch.setattr(cl_module._TritonEager, "apply", lambda *a: called.append("function") or apply(*a))
-    launch = cl_module._launch
-    monkeypatch.setattr(cl_module, "_launch", lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
+    called, direct = spy_routes(monkeypatch, cl_module, "_launch", has_triton_op)
     logits = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     target = torch.rand(2, 3, 9, 8, dtype=torch.float64)
     landmarks = landmark_cases(2, 3, 9, 8)

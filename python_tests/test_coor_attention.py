@@ -24,7 +24,7 @@ import coorkern
 from coorkern import reference
 from coorkern.ops import _host
 from coorkern.ops import coor_attention as ca
-from triton_op_dispatch import PassThroughMode, run_triton_op_body
+from triton_op_dispatch import PassThroughMode, run_triton_op_body, spy_routes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -949,17 +949,7 @@ def test_python_api_reaches_the_kernels(monkeypatch, has_triton_op, traced):
     """Eager calls on plain tensors take the autograd.Function (launches not wrapped); under a
     dispatch mode (tracing) the triton_op where torch has it (torch >= 2.6), else the
     autograd.Function on CPU -- the Triton kernels every way, equal to the oracle."""
-    if has_triton_op and not ca.HAS_TRITON_OP:
-        pytest.skip("torch.library.triton_op needs torch >= 2.6")
-    monkeypatch.setattr(ca, "HAS_TRITON_OP", has_triton_op)
-    called, direct = [], []
-    op = getattr(ca, "_triton_fwd_op", None)
-    if has_triton_op:
-        monkeypatch.setattr(ca, "_triton_fwd_op", lambda *a: called.append("triton_op") or op(*a))
-    apply = ca._TritonEager.apply
-    monkeypatch.setattr(ca._TritonEager, "apply", lambda *a: called.append("function") or apply(*a))
-    launch = ca._launch_triton
-    monkeypatch.setattr(ca, "_launch_triton", lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
+    called, direct = spy_routes(monkeypatch, ca, "_launch_triton", has_triton_op)
     q, k, v, coords = (t.requires_grad_(True) for t in make_inputs("qk", n=6))
     launched = []
     with coorkern.backend("triton"), _spied_launches(launched), (PassThroughMode() if traced else contextlib.nullcontext()):

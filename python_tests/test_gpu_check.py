@@ -238,3 +238,20 @@ def test_host_profile_stage_dry_run_on_cpu():
     assert len(headers) == 2 and "stubbed" not in headers[0] and "launches stubbed" in headers[1], headers
     profiled = [line for line in out.stdout.splitlines() if line.startswith("--- ")]
     assert len(profiled) == 3 and all(" ms per fwd+bwd" in line for line in profiled), profiled
+
+
+def test_launch_overhead_runs_without_a_gpu(gpu_check):
+    """bench/launch_overhead.py: Triton's launch path timed with a stand-in sm_90 driver (no
+    GPU, no interpreter) -- every row gets a number; under the interpreter it refuses."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    script = os.path.join(ROOT, "bench", "launch_overhead.py")
+    out = subprocess.run([sys.executable, script, "--iters", "5"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (table,) = gpu_check.markdown_tables(out.stdout)
+    rows = gpu_check.table_rows(table)
+    assert len(rows) == 4 and all(gpu_check.number(r["host us per call"]) > 0 for r in rows), rows
+    refused = subprocess.run([sys.executable, script], env=dict(env, TRITON_INTERPRET="1"), capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "unset TRITON_INTERPRET" in refused.stderr

@@ -7,7 +7,10 @@ under the mode instead.
 """
 from __future__ import annotations
 
+import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from coorkern.ops import _host
 
 
 class PassThroughMode(TorchDispatchMode):
@@ -26,3 +29,21 @@ def run_triton_op_body(mode, func, args, kwargs, bodies: dict):
         return False, None
     with mode:  # count what the triton_op's implementation runs, not the op itself
         return True, body(*args, **(kwargs or {}))
+
+
+def spy_routes(monkeypatch, module, launcher: str, has_triton_op: bool):
+    """Set the op ``module``'s triton_op switch and record its routes: ``called`` gets
+    "triton_op" / "function" per forward call, ``direct`` whether each launch through
+    ``module.<launcher>`` was a direct one.  Skips when torch has no triton_op to switch on."""
+    if has_triton_op and not module.HAS_TRITON_OP:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6")
+    monkeypatch.setattr(module, "HAS_TRITON_OP", has_triton_op)
+    called, direct = [], []
+    op = getattr(module, "_triton_fwd_op", None)
+    if has_triton_op:
+        monkeypatch.setattr(module, "_triton_fwd_op", lambda *a: called.append("triton_op") or op(*a))
+    apply = module._TritonEager.apply
+    monkeypatch.setattr(module._TritonEager, "apply", lambda *a: called.append("function") or apply(*a))
+    launch = getattr(module, launcher)
+    monkeypatch.setattr(module, launcher, lambda *a, **k: direct.append(_host._direct.active) or launch(*a, **k))
+    return called, direct
