@@ -40,9 +40,10 @@ def plain_eager(*tensors: torch.Tensor) -> bool:
     CPU tensors (no subclass, no torch.func wrapper).
 
     The triton_op is there for tracing (Inductor and torch.export see its kernels); called
-    eagerly, its custom-op dispatch and autograd wrapper took more Python host time than
-    everything else in the call (``bench/host_overhead.py``, kernel launches stubbed, this
-    2-core VM: central loss forward + backward 74 -> 32 us, attention 200 -> 136 us).
+    eagerly, its custom-op dispatch and autograd wrapper cost as much Python host time as
+    everything else in the call (``bench/host_overhead.py --stub-launches`` under the
+    interpreter, a 2-core AMD EPYC VM: central loss forward + backward 81 -> 41 us, attention
+    200 -> 152 us).
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
