@@ -156,11 +156,11 @@ def pick(kind: str, d: int, dtype: torch.dtype, precision: str, n: int, device: 
     (outputs are overwritten, so re-running is harmless); timed with ``triton.testing.do_bench``
     the first time a key is seen.  Without tuning: the cached choice, else ``launch_config``."""
     arch = device_arch(device) if device.type == "cuda" else None
+    key = (kind, block_d(d), dtype, precision, n_bucket(n), arch)
+    if key in _cache:  # before building the candidates: this is every call after the first
+        return _cache[key]
     options = candidates(kind, d, dtype, precision, arch) if device.type == "cuda" else [
         launch_config(kind, d, dtype, precision)]
-    key = (kind, block_d(d), dtype, precision, n_bucket(n), arch)
-    if key in _cache:
-        return _cache[key]
     if len(options) == 1 or not autotune_allowed(device):
         return options[0]
     times = [triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS)
