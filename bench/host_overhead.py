@@ -12,8 +12,8 @@ so small that the GPU is never the bottleneck, so the time per call is host time
   ``triton_kernel_wrapper_mutation`` higher-order op), and a ``torch.empty``;
 * a ``torch.library.custom_op`` with ``register_autograd`` doing nothing, forward and
   forward + backward (the machinery the ops' triton_ops sit behind);
-* each op's internals called directly (``_direct_loss``, ``_direct_forward``,
-  ``_direct_backward``: launches + allocations, no dispatch, no autograd), through the
+* each op's internals called directly (the loss's and the attention's ``_direct_forward``,
+  the attention's ``_direct_backward``: launches + allocations, no dispatch, no autograd), through the
   public function (eagerly: the ops' ``torch.autograd.Function``), forward and forward +
   backward, and through the triton_op that traced calls take.
 
@@ -168,8 +168,8 @@ def rows_for(device: torch.device) -> list[tuple[str, object]]:
 
     triton_op = "needs torch.library.triton_op (torch >= 2.6)"
     triton_rows = [
-        ("central loss: _direct_loss (loss, 2 launches)",
-         lambda: cl._direct_loss(logits.detach(), None, landmarks, 2.0, 2.0, "mean", None)),
+        ("central loss: _direct_forward (2 launches)",
+         lambda: cl._direct_forward(logits.detach(), landmarks, 2.0, 2.0, "mean", None, True)),
         ("central loss: public function, forward", loss_fwd),
         ("central loss: public function, forward + backward", loss_fwd_bwd),
         ("  the same through its triton_op (the traced path)",

@@ -1,4 +1,5 @@
-"""Host helpers of the ops: launch grids, block widths, and wrapping launches for torch.library.
+"""Host helpers of the ops: launch grids, block widths, which route a call takes (the eager
+autograd.Function or the traced triton_op), and wrapping launches for torch.library.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``ConstexprFunction`` wrappers (triton
 3.6-3.9): ~1.8 us per call from Python on this machine, against ~0.02 us for the plain

@@ -466,38 +466,40 @@ _lm_op = define_op(
 _lm_bwd_op = define_op(SCHEMAS["central_loss_from_landmarks_backward"], _reference_landmarks_grad)
 
 
-def _direct_loss(logits, target, landmarks, sigma, r, reduction, radius):
-    """The kernels on real tensors (the opaque ops' CUDA kernels, the eager autograd.Function):
-    launched directly, never through wrap_triton (whose wrapper is for the traced triton_op)."""
+def _direct_forward(logits, data, sigma, r, reduction, radius, from_landmarks):
+    """The kernels on real tensors (the opaque ops' CUDA kernels, the eager autograd.Function),
+    with the triton_op's arguments: launched directly, never through wrap_triton (whose
+    wrapper is for the traced triton_op)."""
     with direct_launches():
-        return _triton_loss(logits, target, landmarks, sigma, r, reduction, radius)
+        return _triton_op_forward(logits, data, sigma, r, reduction, radius, from_landmarks)
 
 
-def _direct_grad(grad_output, logits, target, landmarks, sigma, r, reduction, radius):
+def _direct_backward(grad_output, logits, data, sigma, r, reduction, radius, from_landmarks):
     with direct_launches():
-        return _triton_grad(grad_output, logits, target, landmarks, sigma, r, reduction, radius)
+        return _triton_op_backward(grad_output, logits, data, sigma, r, reduction, radius, from_landmarks)
 
 
 def _cl_cuda(logits, target, r, reduction):
-    return _direct_loss(logits, target, None, 1.0, r, reduction, None)
+    return _direct_forward(logits, target, 1.0, r, reduction, None, False)
 
 
 def _cl_bwd_cuda(grad_output, logits, target, r, reduction):
-    return _direct_grad(grad_output, logits, target, None, 1.0, r, reduction, None)
+    return _direct_backward(grad_output, logits, target, 1.0, r, reduction, None, False)
 
 
 def _lm_cuda(logits, landmarks, sigma, r, reduction, radius):
-    return _direct_loss(logits, None, landmarks, sigma, r, reduction, radius)
+    return _direct_forward(logits, landmarks, sigma, r, reduction, radius, True)
 
 
 def _lm_bwd_cuda(grad_output, logits, landmarks, sigma, r, reduction, radius):
-    return _direct_grad(grad_output, logits, None, landmarks, sigma, r, reduction, radius)
+    return _direct_backward(grad_output, logits, landmarks, sigma, r, reduction, radius, True)
 
 
-# (register_kernel as a decorator returns None: registered by call, so the functions keep their names.)
-for _name, _kernel in (("central_loss", _cl_cuda), ("central_loss_backward", _cl_bwd_cuda),
-                       ("central_loss_from_landmarks", _lm_cuda), ("central_loss_from_landmarks_backward", _lm_bwd_cuda)):
-    torch.library.register_kernel(f"coorkern::{_name}", "cuda", _kernel)
+# (Registered by call: register_kernel as a decorator returns None, not the function.)
+torch.library.register_kernel("coorkern::central_loss", "cuda", _cl_cuda)
+torch.library.register_kernel("coorkern::central_loss_backward", "cuda", _cl_bwd_cuda)
+torch.library.register_kernel("coorkern::central_loss_from_landmarks", "cuda", _lm_cuda)
+torch.library.register_kernel("coorkern::central_loss_from_landmarks_backward", "cuda", _lm_bwd_cuda)
 
 
 @torch.library.register_fake("coorkern::central_loss")
@@ -567,16 +569,18 @@ if HAS_TRITON_OP:
                                              mutates_args=(),
                                              schema=_TRITON_OP_SCHEMAS["central_loss_triton_backward"])
 
-    def _triton_op_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
-        ctx.params = inputs[2:]
-
     def _triton_op_autograd(ctx, grad_output):
-        logits, data = ctx.saved_tensors
-        grad = _triton_bwd_op(grad_output, logits, data, *ctx.params)
-        return (grad,) + (None,) * 6
+        return _logits_grad(_triton_bwd_op, ctx, grad_output)
 
-    _triton_fwd_op.register_autograd(_triton_op_autograd, setup_context=_triton_op_setup_context)
+    _triton_fwd_op.register_autograd(_triton_op_autograd, setup_context=_setup_context)
+
+
+def _logits_grad(backward, ctx, grad_output) -> tuple:
+    """Gradients of the 7 triton_op-style inputs (only logits gets one) by ``backward``, one of
+    the two backward paths (the triton_op's, the eager Function's), from ``_setup_context``'s
+    saved state."""
+    logits, data = ctx.saved_tensors
+    return (backward(grad_output, logits, data, *ctx.params),) + (None,) * 6
 
 
 def _triton_apply(logits, target, landmarks, sigma, r, reduction, radius):
@@ -587,11 +591,11 @@ def _triton_apply(logits, target, landmarks, sigma, r, reduction, radius):
     from_landmarks = landmarks is not None
     data = landmarks if from_landmarks else target
     if plain_eager(logits, data):
-        return _TritonEager.apply(logits, target, landmarks, sigma, r, reduction, radius)
+        return _TritonEager.apply(logits, data, sigma, r, reduction, radius, from_landmarks)
     if HAS_TRITON_OP:
         return _triton_fwd_op(logits, data, sigma, r, reduction, radius, from_landmarks)
     if logits.device.type == "cpu":
-        return _TritonEager.apply(logits, target, landmarks, sigma, r, reduction, radius)
+        return _TritonEager.apply(logits, data, sigma, r, reduction, radius, from_landmarks)
     if from_landmarks:
         return _lm_op(logits, landmarks, sigma, r, reduction, radius)
     return _cl_op(logits, target, r, reduction)
@@ -599,18 +603,17 @@ def _triton_apply(logits, target, landmarks, sigma, r, reduction, radius):
 
 class _TritonEager(torch.autograd.Function):
     """Autograd for the Triton kernels called eagerly (CUDA, and CPU tensors under the
-    interpreter), launched directly: no custom-op dispatch, no ``wrap_triton``."""
+    interpreter), launched directly: no custom-op dispatch, no ``wrap_triton``.  The
+    triton_op's arguments and saved context."""
 
     @staticmethod
-    def forward(ctx, logits, target, landmarks, sigma, r, reduction, radius):
-        ctx.args = (sigma, r, reduction, radius)
-        ctx.save_for_backward(logits, target, landmarks)
-        return _direct_loss(logits, target, landmarks, sigma, r, reduction, radius)
+    def forward(ctx, logits, data, sigma, r, reduction, radius, from_landmarks):
+        _setup_context(ctx, (logits, data, sigma, r, reduction, radius, from_landmarks), None)
+        return _direct_forward(logits, data, sigma, r, reduction, radius, from_landmarks)
 
     @staticmethod
     def backward(ctx, grad_output):
-        logits, target, landmarks = ctx.saved_tensors
-        return _direct_grad(grad_output, logits, target, landmarks, *ctx.args), None, None, None, None, None, None
+        return _logits_grad(_direct_backward, ctx, grad_output)
 
 
 # ---------------------------------------------------------------------------

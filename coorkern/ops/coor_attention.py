@@ -444,16 +444,14 @@ def _triton_apply(q, k, v, coords, sample, scale, align_corners):
 
 class _TritonEager(torch.autograd.Function):
     """Autograd for the Triton kernels called eagerly (CUDA, and CPU tensors under the
-    interpreter), launched directly: no custom-op dispatch, no ``wrap_triton``."""
+    interpreter), launched directly: no custom-op dispatch, no ``wrap_triton``.  The same
+    saved context as the ops' (``_setup_context``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, coords, sample, scale, align_corners):
-        out, lse = _direct_forward(q, k, v, coords, sample, scale, align_corners)
-        ctx.args = (sample, scale, align_corners)
-        ctx.save_for_backward(q, k, v, coords, out, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
-        return out, lse
+        outputs = _direct_forward(q, k, v, coords, sample, scale, align_corners)
+        _setup_context(ctx, (q, k, v, coords, sample, scale, align_corners), outputs)
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
