@@ -1,16 +1,21 @@
 """Builds coorkern and its two C++ libraries.
 
-* ``coorkern/lib/libcoorkern_ops.so`` -- Python-free: the op schemas and CPU kernels
-  (every ``csrc/*.cpp``) and, where Triton and its ``cuda.h`` are installed, the Triton
-  kernels compiled ahead of time for sm_80/sm_90 with their CUDA launchers
-  (``csrc/aot/``, generated sources from ``coorkern._aot_codegen``).  C++ projects link
+* ``coorkern/lib/libcoorkern_ops.so`` -- Python-free: the op schemas and typed entry points
+  (``csrc/ops/``) and the CPU kernels (``csrc/cpu/``); with the CUDA kernels (below) also
+  the Triton kernels compiled ahead of time for sm_80/sm_90 and their CUDA launchers
+  (``csrc/cuda/``, generated sources from ``coorkern.ops._aot.codegen``).  C++ projects link
   it through ``coorkern.cmake_prefix_path()`` (CMake target ``coorkern::ops``).
 * ``coorkern._C`` -- the Python extension: only the module init (``csrc/python/``),
   linked against the library with an ``$ORIGIN``-relative rpath.
 
-Both are optional: if the library fails to compile, installation still succeeds with a
-warning and coorkern runs its CPU ops through the eager reference; if only the CUDA part
-fails (or Triton is missing), the library is built without it and the build says why.
+The CUDA kernels (some 600 Triton compiles, most of a build's time) are built when the
+installed torch has CUDA, or when ``COORKERN_AOT_CUDA=1`` asks for them; ``COORKERN_NO_AOT_CUDA=1``
+(or ``COORKERN_AOT_CUDA=0``) leaves them out.  They serve C++ programs only: Python runs
+its own Triton kernels on CUDA.  The build says which it did and why.
+
+Both libraries are optional: if the library fails to compile, installation still succeeds
+with a warning and coorkern runs its CPU ops through the eager reference; if only the CUDA
+part fails (or Triton is missing), the library is built without it and the build says why.
 Build with ``pip install --no-build-isolation -e .`` so the build uses the installed torch.
 """
 
@@ -36,18 +41,39 @@ def _warn(message):
     print(f"WARNING: coorkern: {message}", file=sys.stderr)
 
 
+def _note(message):
+    print(f"coorkern: {message}", file=sys.stderr)
+
+
+def aot_cuda_choice():
+    """``(build, reason)``: whether to compile the CUDA (Triton AOT) kernels into the library."""
+    if os.environ.get("COORKERN_NO_AOT_CUDA") == "1" or os.environ.get("COORKERN_AOT_CUDA") == "0":
+        return False, "left out as asked (COORKERN_NO_AOT_CUDA=1 or COORKERN_AOT_CUDA=0)"
+    if os.environ.get("COORKERN_AOT_CUDA") == "1":
+        return True, "asked for with COORKERN_AOT_CUDA=1"
+    import torch
+
+    if torch.version.cuda is not None:
+        return True, f"the installed torch has CUDA {torch.version.cuda}"
+    return False, ("the installed torch is CPU-only (torch.version.cuda is None); build them with "
+                   "COORKERN_AOT_CUDA=1 pip install --no-build-isolation -e .")
+
+
 def _generate_aot_sources(build_temp):
-    """Compile the Triton kernels for sm_80/sm_90 into C++ sources; ``(sources, include_dir)`` or None."""
-    if os.environ.get("COORKERN_NO_AOT_CUDA") == "1":
-        _warn("COORKERN_NO_AOT_CUDA=1: building the C++ library without the CUDA (Triton AOT) kernels.")
+    """Compile the Triton kernels for sm_80/sm_90 into C++ sources; ``(sources, include_dirs)`` or None."""
+    build, reason = aot_cuda_choice()
+    if not build:
+        _note(f"building the C++ library without the CUDA (Triton AOT) kernels for C++ programs: {reason}.")
         return None
+    _note(f"compiling the CUDA (Triton AOT) kernels into the C++ library ({reason}; "
+          "COORKERN_NO_AOT_CUDA=1 leaves them out).")
     out_dir = os.path.abspath(os.path.join(build_temp, "coorkern_aot"))
     env = dict(os.environ, TRITON_INTERPRET="0", COORKERN_DISABLE_CPP="1")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its notice
     # No line tables in the embedded cubins/PTX: a third of the size (the library held 95 MB
     # with them once the attention kernels joined); only debug information is dropped.
     env.setdefault("TRITON_DISABLE_LINE_INFO", "1")
-    proc = subprocess.run([sys.executable, "-m", "coorkern._aot_codegen", out_dir], env=env,
+    proc = subprocess.run([sys.executable, "-m", "coorkern.ops._aot.codegen", out_dir], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         _warn("the CUDA (Triton AOT) kernels were not built, the C++ library gets CPU kernels only:\n"
@@ -55,8 +81,11 @@ def _generate_aot_sources(build_temp):
         return None
     print(proc.stdout.strip(), file=sys.stderr)
     lines = dict(line.split("=", 1) for line in proc.stdout.strip().splitlines() if "=" in line)
-    sources = sorted(glob.glob(os.path.join("csrc", "aot", "*.cpp"))) + lines["sources"].split(os.pathsep)
-    return sources, [os.path.abspath("csrc"), lines["cuda_include"]]
+    return _sources("cuda") + lines["sources"].split(os.pathsep), [lines["cuda_include"]]
+
+
+def _sources(folder):
+    return sorted(glob.glob(os.path.join("csrc", folder, "*.cpp")))
 
 
 def extension_modules():
@@ -64,8 +93,8 @@ def extension_modules():
         return [], {}
     ops = CppExtension(
         OPS_LIB,
-        sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
-        include_dirs=[os.path.abspath(os.path.join("coorkern", "include"))],
+        _sources("ops") + _sources("cpu"),
+        include_dirs=[os.path.abspath(os.path.join("coorkern", "include")), os.path.abspath("csrc")],
         extra_compile_args={"cxx": FLAGS},
         # $ORIGIN/../../torch/lib: an installed wheel finds torch's libraries without Python.
         extra_link_args=["-fopenmp", "-Wl,-soname,libcoorkern_ops.so", "-Wl,-rpath,$ORIGIN/../../torch/lib"],

@@ -3,7 +3,7 @@
     python bench/detector.py [--cases train128 train256 infer512] [--transformers none vanilla coor]
                              [--attention kernel aten] [--threads 1] [--reps 3]
 
-Cases (the CPU training profile of ``coorkern.train`` and the paper's inference size):
+Cases (the CPU defaults of ``coorkern train`` (``coorkern.engine.profiles``) and the paper's inference size):
 
 * ``train128`` -- 128 x 128 images, base 8 (every head d = 8), batch 8: forward, central
                   loss, backward, Adam step;
@@ -36,7 +36,7 @@ import _common  # noqa: E402
 
 from coorkern import models  # noqa: E402
 from coorkern.models import CoorDetector  # noqa: E402
-from coorkern.train import compute_loss  # noqa: E402
+from coorkern.losses import heatmap_loss as compute_loss  # noqa: E402
 
 CASES = {  # name: (training?, (H, W), base channels, batch)
     "train128": (True, (128, 128), 8, 8),
@@ -80,16 +80,16 @@ def _free_attention(q, k, v, coords, sample="qk", **_):
 def attention_impl(impl: str):
     """Run the coor detector's attention as ``impl``: kernel / aten (the C++ op's two CPU
     paths) or free (no attention work at all)."""
-    saved = models.coor_attention
+    saved = models.attention.coor_attention
     if impl in ("kernel", "aten"):
         os.environ["COORKERN_CPU_ATTENTION"] = impl
     elif impl == "free":
-        models.coor_attention = _free_attention
+        models.attention.coor_attention = _free_attention
     try:
         yield
     finally:
         os.environ.pop("COORKERN_CPU_ATTENTION", None)
-        models.coor_attention = saved
+        models.attention.coor_attention = saved
 
 
 def time_min(step, reps: int, clock=time.perf_counter) -> float:

@@ -7,7 +7,7 @@ On a CUDA machine, within a time box (9.5 minutes by default: a lent GPU has 15 
 all and one device command at most 10), in this order:
 
 1. prints the device, torch / triton / CUDA versions and the measured copy bandwidth;
-2. runs the CUDA tests (``COORKERN_TEST_DEVICE=cuda pytest python_tests/test_cuda_*.py``,
+2. runs the CUDA tests (``COORKERN_TEST_DEVICE=cuda pytest python_tests/cuda/``,
    real Triton compiler, no interpreter; one line per test, 120 s per test at most, on
    pytest-xdist workers where installed);
 3. a host profile: ``bench/host_overhead.py`` (host microseconds per call of each layer
@@ -389,7 +389,7 @@ def stage_commands(py: str, reps: str, base_env: dict) -> list[tuple[str, list[s
         pytest_flags += ["--timeout", "120"]
     if importlib.util.find_spec("xdist") is not None:
         pytest_flags += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
-    tests = sorted(os.path.join("python_tests", f) for f in os.listdir(os.path.join(ROOT, "python_tests"))
+    tests = sorted(os.path.join("python_tests", "cuda", f) for f in os.listdir(os.path.join(ROOT, "python_tests", "cuda"))
                    if f.startswith("test_cuda_") and f.endswith(".py"))
     attention = [py, "bench/attention.py", "--reps", reps, "--sizes"]
     return [
@@ -399,7 +399,7 @@ def stage_commands(py: str, reps: str, base_env: dict) -> list[tuple[str, list[s
         # checkout on a lent GPU is not installed), then compare with the reference.
         ("C++ CUDA kernels", ["bash", "-c", f"{py} setup.py build_ext --inplace > build_ext.log 2>&1; "
                               "grep -h 'compiled\\|WARNING' build_ext.log; tail -n 3 build_ext.log; "
-                              f"{py} -m pytest python_tests/test_cuda_cpp_aot.py -v -rs -p no:cacheprovider"],
+                              f"{py} -m pytest python_tests/cuda/test_cuda_cpp_aot.py -v -rs -p no:cacheprovider"],
          dict(base_env, COORKERN_TEST_DEVICE="cuda")),
         ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], base_env),
         ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,

@@ -99,8 +99,8 @@ def _noop_custom_op():
 
 def rows_for(device: torch.device) -> list[tuple[str, object]]:
     """(name, call or a reason it does not run) of every row."""
-    from coorkern.ops import central_loss as cl
-    from coorkern.ops import coor_attention as ca
+    from coorkern.ops.central_loss import op as cl
+    from coorkern.ops.coor_attention import op as ca
 
     # The Triton rows run on CUDA, or on CPU tensors under the interpreter (TRITON_INTERPRET=1,
     # a dry run of this script: interpreter times mean nothing).
@@ -203,16 +203,16 @@ def main(argv=None) -> int:
                              "alone (with TRITON_INTERPRET=1, a CPU measurement of it; outputs are garbage)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    from coorkern.ops import central_loss as cl
-    from coorkern.ops import coor_attention as ca
+    from coorkern.ops.central_loss import launch as cl_launch
+    from coorkern.ops.coor_attention import launch as ca_launch
 
-    launchers = cl._launch, ca._launch_triton
+    launchers = cl_launch._launch, ca_launch._launch
     if args.stub_launches:
-        cl._launch = ca._launch_triton = lambda *args, **kwargs: None
+        cl_launch._launch = ca_launch._launch = lambda *args, **kwargs: None
     try:
         return _print_rows(device, args)
     finally:  # a caller's later steps (gpu_check's profiles) launch for real
-        cl._launch, ca._launch_triton = launchers
+        cl_launch._launch, ca_launch._launch = launchers
 
 
 def _print_rows(device: torch.device, args) -> int:

@@ -77,17 +77,17 @@ def per_call_us(fn, iters: int) -> float:
 def rows(iters: int) -> list[list[str]]:
     import triton.language as tl
 
-    from coorkern.ops import central_loss as cl
+    from coorkern.ops.central_loss import kernels as cl_kernels, launch as cl_launch, op as cl
 
     x = torch.randn(2, 19, 64, 52)
     landmarks = torch.rand(2, 19, 2) * 50
     partials = torch.empty(64)
     args = (x, x, landmarks, x, partials, 64 * 52, 1, 52, 2.0, 0.05, 0.0, 1.0)
     meta = dict(MODE=1, FROM_LANDMARKS=True, HAS_RADIUS=False, GRAD_OUT_SCALAR=True, R_INT=2, ACC=tl.float32,
-                FAST_ROW=True, CHUNK=cl.CUDA_CHUNK, ARCH=90)
-    block, warps = cl.TUNING_CONFIGS[0]
-    kernel = cl._central_loss_kernel
-    tuned = cl._cuda_kernel()  # the autotuner the CUDA path launches
+                FAST_ROW=True, CHUNK=cl_launch.CUDA_CHUNK, ARCH=90)
+    block, warps = cl_launch.TUNING_CONFIGS[0]
+    kernel = cl_kernels._central_loss_kernel
+    tuned = cl_launch._cuda_kernel()  # the autotuner the CUDA path launches
     tuned.do_bench = lambda *a, **k: 1.0  # the first call "times" the configs; later calls hit the cache
     grid = (38,)
 

@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from coorkern import experiments, profiles  # noqa: E402
-from coorkern.experiments import format_p  # noqa: E402
+from coorkern import experiments  # noqa: E402
+from coorkern.engine import profiles  # noqa: E402
+from coorkern.engine.studies import format_mean_std, format_p  # noqa: E402
 
 _CPU = profiles.PROFILES["cpu"]
 # (H, W, base channels, epochs); the first is the profile itself.  Epochs chosen so that a
@@ -94,9 +95,9 @@ def table(rows: list, kind: str) -> str:
         h, w, base, epochs = row["candidate"]
         cells = [f"{h}x{w}, {base}, {epochs}" + (" (profile)" if i == 0 else ""),
                  f"{row['coor_cpu_min']:.1f}" if row.get("coor_cpu_min") else "n/a",
-                 str(len(r["seeds"])), experiments._fmt(r["mre"])]
-        cells += [experiments._fmt(r["sdr"][k]) for k in r["sdr"]]
-        cells += ["—" if i == 0 else format_p(p), experiments._fmt(r["wall_s"], 1 / 60, 1)]
+                 str(len(r["seeds"])), format_mean_std(r["mre"])]
+        cells += [format_mean_std(r["sdr"][k]) for k in r["sdr"]]
+        cells += ["—" if i == 0 else format_p(p), format_mean_std(r["wall_s"], 1 / 60, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

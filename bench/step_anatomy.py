@@ -60,7 +60,7 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def attributed(counter: OpCounter):
     """Ops dispatched inside the detector's calls of coorkern's ops count as ``inside``."""
-    originals = {"coor_attention": models.coor_attention, "loss": coorkern.central_loss_from_landmarks}
+    originals = {"coor_attention": models.attention.coor_attention, "loss": coorkern.central_loss_from_landmarks}
 
     def inside(fn):
         def call(*args, **kwargs):
@@ -71,12 +71,12 @@ def attributed(counter: OpCounter):
                 counter.depth -= 1
         return call
 
-    models.coor_attention = inside(originals["coor_attention"])
+    models.attention.coor_attention = inside(originals["coor_attention"])
     loss_fn = inside(originals["loss"])
     try:
         yield loss_fn
     finally:
-        models.coor_attention = originals["coor_attention"]
+        models.attention.coor_attention = originals["coor_attention"]
 
 
 def count_ops(backend: str, batch: int, num_landmarks: int = 19) -> dict:

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from coorkern import profiles  # noqa: E402
+from coorkern.engine import profiles  # noqa: E402
 from coorkern.models import TRANSFORMER_KINDS, CoorDetector  # noqa: E402
-from coorkern.train import compute_loss  # noqa: E402
+from coorkern.losses import heatmap_loss as compute_loss  # noqa: E402
 
 
 def _timed(fn, count: int, repeats: int) -> tuple[float, float]:

@@ -22,9 +22,9 @@ Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C+
 """
 
 from . import reference
-from ._backend import BACKENDS, BackendUnavailableError, backend
-from ._extension import cmake_prefix_path, cpp_available
-from ._library import python_cuda_kernels_take_over
+from .ops._runtime.backend import BACKENDS, BackendUnavailableError, backend
+from .ops._runtime.extension import cmake_prefix_path, cpp_available
+from .ops._runtime.library import python_cuda_kernels_take_over
 
 with python_cuda_kernels_take_over():
     from .ops.central_loss import CentralLoss, central_loss, central_loss_from_landmarks

@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from . import _runs
+from .engine.cli_args import console_script
 
 __all__ = ["COMMANDS", "main"]
 
@@ -59,11 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         sys.stderr.write(f"coorkern: error: the '{name}' command is not part of this coorkern installation\n")
         return 2
-    _runs._INVOCATION["console_script"] = True
-    try:
+    with console_script():  # --help and errors name the command "coorkern NAME"
         module.main(rest)
-    finally:
-        _runs._INVOCATION["console_script"] = False
     return 0
 
 

@@ -15,7 +15,7 @@ evaluation images.  Runs that two studies share (central r = 2 without transform
 in all three) are trained once.  A finished run is skipped, an interrupted one resumed
 from its ``checkpoint_last.pt`` with the training command's ``--resume``, so the same
 command line continues a study.  After training, the best checkpoint of every run is
-evaluated (``coorkern.evaluate``, per-image errors) and ``OUT/report.md`` +
+evaluated as ``coorkern evaluate`` does (per-image errors) and ``OUT/report.md`` +
 ``report.json`` give, per variant, MRE and SDR as mean +- std over seeds, wall time and
 training images/s per run, paired t-tests (``scipy.stats.ttest_rel``) of the per-image
 MRE (averaged over seeds) against the paper's choice, and PNGs: box plots of the
@@ -23,83 +23,27 @@ per-image MRE per variant and validation-loss curves per epoch.
 
 ``--data isbi2015`` uses the 150 training images of the challenge split 100 train
 (ids 001-100) / 50 held out (101-150) -- the 250 test images are not needed -- unless
-``--isbi-protocol paper`` (train on 1-150, evaluate on 151-400).
+``--isbi-protocol paper`` (train on 1-150, evaluate on 151-400).  The planning, running
+and reporting is :mod:`coorkern.engine.studies`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
-import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
 from . import data as data_mod
-from ._config import add_config_option, parse_with_config, plain_options, write_config
-from ._runs import HelpFormatter, atomic_write_bytes, description, positive_int, prog, write_json
-from .profiles import PROFILE_CHOICES, PROFILES
+from .engine.cli_args import HelpFormatter, description, positive_int, prog
+from .engine.config import add_config_option, parse_with_config, plain_options, write_config
+from .engine.profiles import PROFILE_CHOICES
+from .engine.studies import (STUDIES, check_same_options, common_train_args, plan_runs, run_all, selected_variants,
+                             studies_of, write_report)
 
-__all__ = ["STUDIES", "Run", "build_parser", "main", "plan_runs", "train_command"]
-
-STUDIES = {
-    "loss": {
-        "title": "Losses on the U-Net without transformer (Table II, Fig. 5)",
-        "reference": "central",
-        "variants": {
-            "bce": dict(transformer="none", loss="bce"),
-            "wbce": dict(transformer="none", loss="wbce"),
-            "focal": dict(transformer="none", loss="focal"),
-            "central": dict(transformer="none", loss="central", r=2.0),
-        },
-    },
-    "r": {
-        "title": "Central loss exponent r on the U-Net without transformer (Table III, Fig. 7)",
-        "reference": "r2",
-        "variants": {f"r{r}": dict(transformer="none", loss="central", r=float(r)) for r in range(4)},
-    },
-    "transformer": {
-        "title": "Transformers in the decoder, central loss r = 2 (Table IV, Fig. 9)",
-        "reference": "coor",
-        "variants": {t: dict(transformer=t, loss="central", r=2.0)
-                     for t in ("none", "vanilla", "swin", "deformable", "coor")},
-    },
-}
-ISBI_HOLDOUT = {"train": list(range(1, 101)), "test": list(range(101, 151))}
-
-
-@dataclass
-class Run:
-    """One training run: variant settings + seed -> a folder."""
-
-    name: str  # shared by variants with the same settings, e.g. "none-central-r2"
-    settings: dict
-    seed: int
-    folder: Path
-
-    @property
-    def finished(self) -> bool:
-        return (self.folder / "test_metrics.json").is_file()
-
-    @property
-    def started(self) -> bool:
-        return (self.folder / "checkpoint_last.pt").is_file()
-
-
-def run_name(settings: dict) -> str:
-    name = f"{settings['transformer']}-{settings['loss']}"
-    return name + (f"-r{settings['r']:g}" if settings["loss"] == "central" else "")
+__all__ = ["build_parser", "main"]
 
 
 def _seeds(text: str) -> list:
@@ -124,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", choices=data_mod.DATASETS, help="dataset format")
     p.add_argument("--root", help="dataset folder (not needed for synthetic)")
     p.add_argument("--profile", default="auto", choices=PROFILE_CHOICES,
-                   help="training profile of every run (coorkern.profiles)")
+                   help="training profile of every run (coorkern.engine.profiles)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="K (seeds 0..K-1) or a list 0,3,7")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs trained at the same time")
     p.add_argument("--threads", type=positive_int,
@@ -140,391 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "\"--base-channels 16 --amp bf16\"")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs")
     return p
-
-
-# ---------------------------------------------------------------------------
-# Planning and running
-
-
-def studies_of(study: str) -> list:
-    return list(STUDIES) if study == "all" else [study]
-
-
-def selected_variants(study_names: Sequence[str], subset: Optional[str]) -> dict:
-    """``{study: {variant: settings}}``; ValueError naming the unknown variants."""
-    chosen = {s: dict(STUDIES[s]["variants"]) for s in study_names}
-    if subset:
-        wanted = [v.strip() for v in subset.split(",") if v.strip()]
-        known = {v for s in chosen.values() for v in s}
-        unknown = [v for v in wanted if v not in known]
-        if unknown or not wanted:
-            raise ValueError(f"--variants: unknown {unknown or subset!r} for --study "
-                             f"{'/'.join(study_names)}; choose from {sorted(known)}")
-        chosen = {s: {v: cfg for v, cfg in vs.items() if v in wanted} for s, vs in chosen.items()}
-        chosen = {s: vs for s, vs in chosen.items() if vs}
-    return chosen
-
-
-def plan_runs(variants: dict, seeds: Sequence[int], out: Path) -> list:
-    """The distinct runs (shared settings trained once) for ``{study: {variant: settings}}``."""
-    runs = {}
-    for per_study in variants.values():
-        for settings in per_study.values():
-            name = run_name(settings)
-            for seed in seeds:
-                runs.setdefault((name, seed), Run(name, settings, seed, out / "runs" / name / f"seed{seed}"))
-    return list(runs.values())
-
-
-def train_command(run: Run, common: Sequence[str], threads: int) -> list:
-    """The training command of ``run``: resume when it has a checkpoint, else start."""
-    runtime = ["--no-progress", "--threads", str(threads)]
-    if run.started:
-        return [sys.executable, "-m", "coorkern.train", "--resume", str(run.folder / "checkpoint_last.pt"), *runtime]
-    s = run.settings
-    variant = ["--transformer", s["transformer"], "--loss", s["loss"]] + (["--r", f"{s['r']:g}"] if "r" in s else [])
-    return [sys.executable, "-m", "coorkern.train", *common, *variant, "--seed", str(run.seed),
-            "--out", str(run.folder), "--overlays", "0", *runtime]
-
-
-def _execute(run: Run, common: Sequence[str], threads: int) -> dict:
-    """Train (or resume) one run in a subprocess; append to its ``experiment.json`` log."""
-    command = train_command(run, common, threads)
-    kind = "resume" if run.started else "train"
-    run.folder.mkdir(parents=True, exist_ok=True)
-    record_path = run.folder / "experiment.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {"invocations": []}
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                      env.get("PYTHONPATH")]))
-    t0 = time.time()
-    with open(run.folder / "train.log", "a") as log:
-        log.write(f"$ {shlex.join(command)}\n")
-        log.flush()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.time() - t0
-    record["invocations"].append({"kind": kind, "command": command, "wall_s": wall, "returncode": code,
-                                  "threads": threads})
-    record["wall_s"] = sum(i["wall_s"] for i in record["invocations"])
-    write_json(record_path, record)
-    return {"run": run, "kind": kind, "returncode": code, "wall_s": wall}
-
-
-def _evaluate(run: Run) -> Optional[dict]:
-    """Per-image errors of the run's best checkpoint (``eval/metrics.json``, written once)."""
-    path = run.folder / "eval" / "metrics.json"
-    if not path.is_file():
-        from . import evaluate
-
-        quiet = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                evaluate.main(["--checkpoint", str(run.folder / "checkpoint_best.pt"), "--out", str(path.parent),
-                               "--overlays", "0", "--no-per-landmark"])
-        except SystemExit:
-            print(f"evaluation of {run.folder} failed:\n{quiet.getvalue()}", file=sys.stderr)
-            return None
-    return json.loads(path.read_text())
-
-
-def _common_train_args(args) -> list:
-    common = ["--profile", args.profile]
-    if args.data == "isbi2015" and args.isbi_protocol == "holdout":
-        common += ["--data", "csv", "--root", str(_isbi_holdout_table(args.root, Path(args.out)))]
-        size = args.image_size or _profile_size(args.profile, "isbi2015")
-        if size:
-            common += ["--image-size", *map(str, size)]
-    else:
-        common += ["--data", args.data] + (["--root", args.root] if args.root else [])
-        if args.image_size:
-            common += ["--image-size", *map(str, args.image_size)]
-    if args.data == "synthetic":
-        # The seed varies the model init and data order; the images stay the same across seeds.
-        common += ["--data-option", "seed=0"]
-    if args.epochs:
-        common += ["--epochs", str(args.epochs)]
-    return common + shlex.split(args.train_args)
-
-
-def _profile_size(profile: str, data: str) -> Optional[list]:
-    if profile == "auto":
-        import torch
-
-        profile = "paper" if torch.cuda.is_available() else "cpu"
-    return list(PROFILES[profile].image_size[data])
-
-
-def _isbi_holdout_table(root, out: Path) -> Path:
-    """A CSV of the ISBI 2015 training images 1-150 with a split column (1-100 train, 101-150 test).
-
-    The annotations come from the isbi2015 loader (the paper's mean of both doctors when
-    both are present); the images stay where they are (absolute paths).
-    """
-    if not root:
-        raise ValueError("--data isbi2015 needs --root (the folder with the data set's files)")
-    rows, header = [], None
-    for split, ids in ISBI_HOLDOUT.items():
-        records = data_mod.load_dataset("isbi2015", root, "train", (64, 64), ids=ids).records
-        for rec in records:
-            if header is None:
-                header = ["image", *(f"{a}{j}" for j in range(len(rec.landmarks)) for a in "xy"),
-                          "spacing_x", "spacing_y", "split"]
-            coords = [f"{v:.3f}" for v in np.asarray(rec.landmarks, dtype=float).reshape(-1)]
-            rows.append([str(Path(rec.image_path).resolve()), *coords, *map(str, rec.spacing), split])
-    text = "\n".join(",".join(r) for r in [header, *rows]) + "\n"
-    path = out / "isbi2015_holdout.csv"
-    if not path.is_file() or path.read_text() != text:
-        atomic_write_bytes(path, text.encode())
-    return path
-
-
-def _check_same_options(out: Path, common: Sequence[str]) -> None:
-    """A study folder keeps one set of training options: its finished runs are reused, so a
-    different ``--epochs``/``--profile``/... must go to another ``--out``."""
-    path = out / "study.json"
-    if path.is_file():
-        saved = json.loads(path.read_text()).get("train_args_common")
-        if saved != list(common):
-            raise ValueError(f"--out {out} holds runs trained with {shlex.join(saved or [])!r}, not "
-                             f"{shlex.join(common)!r}; its finished runs would be mixed in: use another --out")
-    else:
-        write_json(path, {"train_args_common": list(common)})
-
-
-def run_all(runs: list, common: Sequence[str], jobs: int, threads: int) -> list:
-    """Train every unfinished run, ``jobs`` at a time; returns the results of those launched."""
-    todo = [r for r in runs if not r.finished]
-    skipped = len(runs) - len(todo)
-    print(f"{len(runs)} runs: {skipped} finished (skipped), {sum(r.started for r in todo)} to resume, "
-          f"{sum(not r.started for r in todo)} to start; {jobs} at a time with {threads} thread(s) each", flush=True)
-    results = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for result in pool.map(lambda r: _execute(r, common, threads), todo):
-            run = result["run"]
-            status = "done" if result["returncode"] == 0 and run.finished else f"FAILED (exit {result['returncode']})"
-            print(f"  {run.name} seed {run.seed}: {result['kind']} {status} in {result['wall_s'] / 60:.1f} min; "
-                  f"log {run.folder / 'train.log'}", flush=True)
-            results.append(result)
-    return results
-
-
-# ---------------------------------------------------------------------------
-# Report
-
-
-def _run_summary(run: Run) -> Optional[dict]:
-    """Metrics, per-image MRE, validation-loss curve and timings of a finished run."""
-    if not run.finished:
-        return None
-    evaluation = _evaluate(run)
-    if evaluation is None:
-        return None
-    history = json.loads((run.folder / "metrics.json").read_text())
-    record_path = run.folder / "experiment.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    per_image = {p["id"]: float(np.nanmean(np.asarray(p["errors"], dtype=float))) for p in evaluation["predictions"]}
-    overall = evaluation["metrics"]["overall"]
-    return {
-        "folder": str(run.folder),
-        "mre": overall["mre"],
-        "sdr": overall["sdr"],
-        "unit": evaluation["metrics"]["unit"],
-        "thresholds": evaluation["metrics"]["thresholds"],
-        "per_image_mre": per_image,
-        "val_loss": [row.get("val_loss") for row in history],
-        "epochs": len(history),
-        "wall_s": record.get("wall_s"),
-        "train_time_s": sum(row["epoch_time_s"] for row in history),
-        "images_per_s": float(np.mean([row["images_per_s"] for row in history])),
-    }
-
-
-def _mean_std(values: Sequence[float]) -> dict:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    if arr.size == 0:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else None, "n": int(arr.size)}
-
-
-def summarize(variants: dict, runs: list) -> dict:
-    """``{study: {"reference", "title", "variants": {name: stats}}}`` from the finished runs."""
-    from scipy import stats
-
-    by_key = {(r.name, r.seed): r for r in runs}
-    cache: dict = {}
-    report = {}
-    for study, per_study in variants.items():
-        rows = {}
-        for variant, settings in per_study.items():
-            name = run_name(settings)
-            seeds = sorted(s for (n, s) in by_key if n == name)
-            done = {}
-            for seed in seeds:
-                key = (name, seed)
-                if key not in cache:
-                    cache[key] = _run_summary(by_key[key])
-                if cache[key] is not None:
-                    done[seed] = cache[key]
-            if not done:
-                rows[variant] = {"run": name, "seeds": [], "missing": seeds}
-                continue
-            thresholds = next(iter(done.values()))["thresholds"]
-            ids = sorted(set.intersection(*(set(d["per_image_mre"]) for d in done.values())))
-            per_image = {i: float(np.mean([d["per_image_mre"][i] for d in done.values()])) for i in ids}
-            curves = [d["val_loss"] for d in done.values()]
-            length = min(len(c) for c in curves)
-            rows[variant] = {
-                "run": name,
-                "settings": settings,
-                "seeds": sorted(done),
-                "missing": [s for s in seeds if s not in done],
-                "unit": next(iter(done.values()))["unit"],
-                "thresholds": thresholds,
-                "mre": _mean_std([d["mre"] for d in done.values()]),
-                "sdr": {t: _mean_std([d["sdr"][t] for d in done.values()]) for t in next(iter(done.values()))["sdr"]},
-                "wall_s": _mean_std([d["wall_s"] for d in done.values()]),
-                "images_per_s": _mean_std([d["images_per_s"] for d in done.values()]),
-                "per_image_mre": per_image,
-                "val_loss": [float(np.mean([c[e] for c in curves])) for e in range(length)],
-                "folders": [d["folder"] for d in done.values()],
-            }
-        reference = STUDIES[study]["reference"]
-        ref = rows.get(reference, {}).get("per_image_mre")
-        for variant, row in rows.items():
-            row["p_value"] = None
-            if ref is None or variant == reference or not row.get("per_image_mre"):
-                continue
-            ids = sorted(set(ref) & set(row["per_image_mre"]))
-            a = np.array([row["per_image_mre"][i] for i in ids])
-            b = np.array([ref[i] for i in ids])
-            if len(ids) > 1 and np.any(a != b):
-                row["p_value"] = float(stats.ttest_rel(a, b).pvalue)
-                row["paired_images"] = len(ids)
-        report[study] = {"title": STUDIES[study]["title"], "reference": reference, "variants": rows}
-    return report
-
-
-def format_p(p: Optional[float]) -> str:
-    """A p-value the way the paper marks it: ** below 5e-5, * below 0.05."""
-    if p is None or not math.isfinite(p):
-        return "n/a"
-    mark = " (**)" if p < 5e-5 else (" (*)" if p < 0.05 else "")
-    return f"{p:.2g}{mark}"
-
-
-def _fmt(stat: dict, scale: float = 1.0, digits: int = 2) -> str:
-    if stat.get("mean") is None:
-        return "n/a"
-    text = f"{stat['mean'] * scale:.{digits}f}"
-    return text + (f" ± {stat['std'] * scale:.{digits}f}" if stat.get("std") is not None else "")
-
-
-def study_table(study: dict) -> str:
-    rows = [(v, r) for v, r in study["variants"].items() if r.get("seeds")]
-    if not rows:
-        return "_no finished runs yet_\n"
-    unit, thresholds = rows[0][1]["unit"], rows[0][1]["thresholds"]
-    sdr_keys = list(rows[0][1]["sdr"])
-    head = (["variant", "seeds", f"MRE ({unit})"] + [f"SDR {t:g} {unit} (%)" for t in thresholds]
-            + [f"p vs {study['reference']}", "wall time / run (min)", "train img/s"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for variant, r in rows:
-        cells = [variant + (" (ref.)" if variant == study["reference"] else ""), str(len(r["seeds"])), _fmt(r["mre"])]
-        cells += [_fmt(r["sdr"][k]) for k in sdr_keys]
-        cells += ["—" if variant == study["reference"] else format_p(r["p_value"]),
-                  _fmt(r["wall_s"], 1 / 60, 1), _fmt(r["images_per_s"], 1.0, 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    missing = [f"{v} (seeds {r['missing']})" for v, r in study["variants"].items() if r.get("missing")]
-    if missing:
-        lines.append(f"\nnot finished: {', '.join(missing)}")
-    return "\n".join(lines) + "\n"
-
-
-def plot_study(name: str, study: dict, out: Path) -> dict:
-    """Box plot of per-image MRE per variant and mean validation-loss curves; returns the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(v, r) for v, r in study["variants"].items() if r.get("seeds")]
-    if not rows:
-        return {}
-    unit = rows[0][1]["unit"]
-    paths = {}
-    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4))
-    ax.boxplot([list(r["per_image_mre"].values()) for _, r in rows], showmeans=True)
-    ax.set_xticks(range(1, len(rows) + 1), [v for v, _ in rows])
-    ax.set_ylabel(f"per-image MRE ({unit}), mean over seeds")
-    ax.set_title(study["title"], fontsize=9)
-    for i, (v, r) in enumerate(rows, 1):
-        if r.get("p_value") is not None:
-            ax.annotate(format_p(r["p_value"]), (i, 1.0), xycoords=("data", "axes fraction"), ha="center",
-                        va="bottom", fontsize=7)
-    fig.tight_layout()
-    paths["box"] = out / f"{name}_mre_boxplot.png"
-    fig.savefig(paths["box"], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v, r in rows:
-        if r["val_loss"] and all(x is not None for x in r["val_loss"]):
-            ax.plot(range(1, len(r["val_loss"]) + 1), r["val_loss"], marker=".", label=v)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation loss (mean over seeds)")
-    ax.set_yscale("log")
-    ax.set_title(study["title"] + ("\n(different losses: levels not comparable)" if name == "loss" else ""),
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["val_loss"] = out / f"{name}_val_loss.png"
-    fig.savefig(paths["val_loss"], dpi=110)
-    plt.close(fig)
-    return paths
-
-
-def _machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
-
-
-def write_report(args, variants: dict, runs: list, common: Sequence[str]) -> dict:
-    out = Path(args.out)
-    report = summarize(variants, runs)
-    plots = {name: {k: str(p) for k, p in plot_study(name, study, out).items()} for name, study in report.items()}
-    protocol = {
-        "command": "python -m coorkern.experiments " + shlex.join(args.argv),
-        "data": args.data,
-        "root": args.root,
-        "profile": args.profile,
-        "seeds": args.seeds,
-        "train_args_common": list(common),
-        "machine": _machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    if args.data == "isbi2015" and args.isbi_protocol == "holdout":
-        protocol["split"] = {"train": "ISBI 2015 training images 001-100", "test": "101-150 (held out)"}
-    lines = [f"# coorkern experiments: {', '.join(report)}", ""]
-    lines += [f"- {k}: {v}" for k, v in protocol.items()]
-    lines += ["", "Held-out metrics of the checkpoint with the best validation score (the profile's `--select`); "
-                  "mean ± std over seeds. p: paired t-test (scipy.stats.ttest_rel) of the per-image MRE, averaged "
-                  "over seeds, against the reference variant; (**) p < 5e-5, (*) p < 0.05, as in the paper.", ""]
-    for name, study in report.items():
-        lines += [f"## {name}: {study['title']}", "", study_table(study)]
-        for kind, path in plots.get(name, {}).items():
-            lines.append(f"![{name} {kind}]({Path(path).name})")
-        lines.append("")
-    atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
-    payload = {"protocol": protocol, "studies": report, "plots": plots}
-    write_json(out / "report.json", payload)
-    return payload
-
-
-# ---------------------------------------------------------------------------
-# Command
 
 
 def _config_of(args) -> dict:
@@ -559,11 +118,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     write_config(out / "config.yaml", _config_of(args),
                  header="coorkern experiments options; `coorkern experiments --config <this file>` reruns them")
     try:
-        common = _common_train_args(args)
+        common = common_train_args(args)
     except (ValueError, data_mod.DatasetFormatError) as exc:
         parser.error(str(exc))
     try:
-        _check_same_options(out, common)
+        check_same_options(out, common)
     except ValueError as exc:
         parser.error(str(exc))
     runs = plan_runs(variants, args.seeds, out)

@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._runs import HelpFormatter, description, prog
+from .engine import profiles
+from .engine.cli_args import HelpFormatter, description, prog
 
 __all__ = ["collect", "build_parser", "main"]
 
@@ -38,7 +39,7 @@ def _cpu_flags() -> list:
 
 
 def _triton() -> dict:
-    from ._backend import triton_interpreter_enabled
+    from .ops._runtime.backend import triton_interpreter_enabled
 
     try:
         import triton
@@ -61,31 +62,21 @@ def _cuda() -> list:
 
 
 def default_training_profile() -> dict:
-    """What ``coorkern train`` uses here without options: the device's defaults for synthetic data and,
-    where :mod:`coorkern.profiles` exists, the profile ``--profile auto`` picks for real data."""
-    from .train import PROFILES as DEVICE_DEFAULTS
-
+    """What ``coorkern train`` uses here without options: the device's defaults for synthetic data
+    (:data:`coorkern.engine.profiles.SYNTHETIC_DEFAULTS`) and the profile ``--profile auto`` picks for
+    real data."""
     kind = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"name": kind, "source": "the device (CUDA if available, else CPU)",
-              "synthetic": dict(DEVICE_DEFAULTS[kind])}
-    try:
-        from . import profiles
-    except ImportError:
-        return result
-    try:
-        name = profiles.resolve_profile("auto", "isbi2015", kind)
-        real = profiles.PROFILES[name].options("isbi2015")
-    except (AttributeError, KeyError, TypeError, ValueError):  # a profiles module of another shape
-        return result
-    result.update(name=name, source=f"coorkern.profiles: --profile auto for real data on a {kind.upper()} machine",
-                  real_data_isbi2015=real)
-    return result
+    name = profiles.resolve_profile("auto", "isbi2015", kind)
+    return {"name": name, "source": f"--profile auto for real data on a {kind.upper()} machine; synthetic data: "
+                                    "the device's defaults",
+            "synthetic": dict(profiles.SYNTHETIC_DEFAULTS[kind]),
+            "real_data_isbi2015": profiles.PROFILES[name].options("isbi2015")}
 
 
 def collect() -> dict:
     """Everything ``coorkern info`` prints, as a JSON-able dict."""
     from . import __version__
-    from ._extension import cpp_available, load_error
+    from .ops._runtime.extension import cpp_available, load_error
 
     return {
         "versions": {"coorkern": __version__, "torch": torch.__version__, "triton": _triton().get("version"),

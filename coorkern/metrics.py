@@ -6,6 +6,8 @@
 * :func:`radial_errors` -- per-landmark Euclidean errors in mm (pixel spacing) or px.
 * :func:`landmark_metrics` -- MRE (mean, std, median) and SDR at radii, per landmark
   and overall; NaN (missing) ground truth is left out.
+* :func:`cobb_angles` -- the three Cobb angles of a spine's 68 vertebra corners by the
+  AASCE 2019 challenge's rule; :func:`smape` -- the challenge's SMAPE of angles (percent).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 
 from ._checks import check_rank, check_tensor
 
-__all__ = ["decode_heatmaps", "radial_errors", "landmark_metrics", "format_table", "mean_shape_baseline"]
+__all__ = ["decode_heatmaps", "radial_errors", "landmark_metrics", "format_table", "mean_shape_baseline",
+           "cobb_angles", "smape"]
 
 
 def decode_heatmaps(heatmaps: torch.Tensor, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,3 +150,165 @@ def format_table(results: dict, baseline: Optional[dict] = None, per_landmark: b
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [cols] + rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Spine: Cobb angles and SMAPE (AASCE 2019 challenge)
+
+
+def _as_float64(name: str, value) -> tuple[torch.Tensor, bool]:
+    """``value`` as a float64 tensor, and whether it came as a tensor (else numpy/list)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got {value.dtype}")
+        return value.detach().to(torch.float64), True
+    try:
+        import numpy as np
+
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a torch.Tensor, a numpy array or nested numbers, got "
+                        f"{type(value).__name__}") from None
+    return torch.from_numpy(array), False
+
+
+def _returned(result: torch.Tensor, like, was_tensor: bool):
+    if was_tensor:
+        return result.to(like.dtype if like.is_floating_point() else torch.float64)
+    return result.numpy()
+
+
+def _acos_rounded(cosine: torch.Tensor) -> torch.Tensor:
+    # The challenge's MATLAB rounds every cosine to 8 decimals (``roundn(x, -8)``) before ``acos``.
+    return torch.acos((torch.round(cosine * 1e8) / 1e8).clamp(-1.0, 1.0))
+
+
+def _is_s_shaped(mid: torch.Tensor) -> torch.Tensor:
+    """The challenge's ``isS`` on ``(N, P, 2)`` end-plate centres: ``(N,)`` bool.
+
+    ``ll_i = (y_i - y_P) / (y_1 - y_P) - (x_i - x_P) / (x_1 - x_P)`` for ``i = 1..P-2``
+    compares each point with the straight line from the first to the last; the spine is
+    "S" when ``sum(ll ll^T) != sum(|ll ll^T|)``, i.e. when the points lie on both sides of
+    that line (or ``ll`` is not finite: a vertical first-to-last line, as in MATLAB).
+    """
+    first, last = mid[:, :1], mid[:, -1:]
+    inner = mid[:, :-2]
+    ll = (inner[..., 1] - last[..., 1]) / (first[..., 1] - last[..., 1]) \
+        - (inner[..., 0] - last[..., 0]) / (first[..., 0] - last[..., 0])
+    pair = ll.unsqueeze(-1) * ll.unsqueeze(-2)
+    return ~(pair.sum((-1, -2)) == pair.abs().sum((-1, -2)))
+
+
+def cobb_angles(landmarks, image_height):
+    """The three Cobb angles (degrees) of spines by the AASCE 2019 challenge's rule.
+
+    ``landmarks``: ``(..., 68, 2)`` pixel coordinates ``(x, y)`` (y downwards), 17 vertebrae
+    from the top, four corners each in the order top-left, top-right, bottom-left,
+    bottom-right (any multiple of 4, at least 8, is accepted; the challenge has 68).
+    ``image_height``: the original image's height in pixels, a number or ``(...)``.
+    Returns ``(..., 3)`` in the order of the challenge's ``angles.csv``: the main curve,
+    then the two secondary curves; a torch tensor (the landmarks' floating dtype) for a
+    tensor input, else a float64 numpy array.  Computed in float64; spines with
+    non-finite landmarks or a vertebra whose left and right sides coincide give NaN.
+
+    The rule (the challenge's MATLAB ``angleCal``, reproduced here; it reproduces the
+    training ``angles.csv`` to < 0.005 degree, the file's own rounding):
+
+    1. each vertebra's vector runs from the mid-point of its left side (top-left and
+       bottom-left corners) to that of its right side; the angle between two vertebrae is
+       ``acos`` of the cosine of their vectors, rounded to 8 decimals (no clipping at 0, so
+       angles over 90 degrees are kept);
+    2. main angle: the largest angle between any two vertebrae; ``upper`` / ``lower``
+       are the pair (the first column of the angle matrix holding the maximum, and the
+       first row holding it in that column);
+    3. the end-plate centres (mid-points of the top and of the bottom corner pairs, 34
+       points) decide whether the spine is S-shaped (:func:`_is_s_shaped`);
+    4. not S: second = angle(vertebra 1, upper), third = angle(last vertebra, lower);
+    5. S: second = the largest angle between ``upper`` and a vertebra at or above it
+       (that vertebra: ``top``); third, when the bottom end-plate centres of ``upper`` and
+       ``lower`` have ``y_upper + y_lower < image_height`` (the main curve in the upper
+       part), the largest angle between ``lower`` and a vertebra at or below it, otherwise
+       the largest angle between ``top`` and a vertebra at or above it.
+
+    Ties resolve to the first index, as MATLAB's ``max`` does.
+    """
+    points, was_tensor = _as_float64("landmarks", landmarks)
+    if points.dim() < 2 or points.shape[-1] != 2 or points.shape[-2] < 8 or points.shape[-2] % 4:
+        raise ValueError(f"landmarks must have shape (..., 68, 2) (4 corners per vertebra), got "
+                         f"{tuple(points.shape)}")
+    batch = points.shape[:-2]
+    height, _ = _as_float64("image_height", image_height)
+    height = height.to(points.device)
+    try:
+        height = torch.broadcast_to(height, batch)
+    except RuntimeError:
+        raise ValueError(f"image_height must be a number or have the landmarks' leading shape {tuple(batch)}, "
+                         f"got {tuple(height.shape)}") from None
+    if not bool((height > 0).all()) or not bool(torch.isfinite(height).all()):
+        raise ValueError("image_height must be positive and finite")
+    p = points.reshape(-1, points.shape[-2], 2)
+    h = height.reshape(-1)
+    n, num_vertebrae = p.shape[0], p.shape[1] // 4
+    rows = torch.arange(n, device=p.device)
+    # 1. vertebra vectors and the angle matrix
+    left = (p[:, 0::4] + p[:, 2::4]) / 2
+    right = (p[:, 1::4] + p[:, 3::4]) / 2
+    vec = right - left  # (N, V, 2)
+    norm = vec.norm(dim=-1)
+    angles = _acos_rounded((vec @ vec.transpose(1, 2)) / (norm.unsqueeze(-1) * norm.unsqueeze(-2)))
+    invalid = ~torch.isfinite(angles).flatten(1).all(1)
+    angles = torch.where(invalid.view(-1, 1, 1), torch.zeros_like(angles), angles)
+    # 2. main angle: MATLAB [maxt, pos1] = max(angles) (per column); [pt, pos2] = max(maxt)
+    col_max, col_argmax = angles.max(dim=1)
+    main, upper = col_max.max(dim=1)
+    lower = col_argmax[rows, upper]
+    # 3. S-shape test on the 2V end-plate centres
+    plates = (p[:, 0::2] + p[:, 1::2]) / 2
+    s_shaped = _is_s_shaped(plates)
+    index = torch.arange(num_vertebrae, device=p.device)
+
+    def row_max(row: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = angles[rows, row].masked_fill(~keep, float("-inf"))
+        return values.max(dim=1)
+
+    # 4. not S
+    second_c = angles[rows, 0, upper]
+    third_c = angles[rows, num_vertebrae - 1, lower]
+    # 5. S
+    second_s, top = row_max(upper, index.unsqueeze(0) <= upper.unsqueeze(1))
+    third_up, _ = row_max(lower, index.unsqueeze(0) >= lower.unsqueeze(1))
+    third_top, _ = row_max(top, index.unsqueeze(0) <= top.unsqueeze(1))
+    upper_part = (plates[rows, 2 * upper + 1, 1] + plates[rows, 2 * lower + 1, 1]) < h
+    second = torch.where(s_shaped, second_s, second_c)
+    third = torch.where(s_shaped, torch.where(upper_part, third_up, third_top), third_c)
+    result = torch.rad2deg(torch.stack((main, second, third), dim=-1))
+    result = result.masked_fill(invalid.unsqueeze(-1), float("nan"))
+    return _returned(result.reshape(*batch, 3), landmarks, was_tensor)
+
+
+def smape(pred_angles, true_angles, per_image: bool = False):
+    """The AASCE challenge's symmetric mean absolute percentage error of Cobb angles, in percent.
+
+    ``SMAPE = 100 / N * sum_i (sum_j |p_ij - t_ij|) / (sum_j (p_ij + t_ij))`` over the N
+    images (all leading dims) and the angles ``j`` (last dim, 3 in the challenge).  Both
+    inputs have the same shape ``(..., 3)``, in degrees.  An image whose predicted and
+    true angles are all 0 counts as 0 (the formula's 0/0; perfect agreement).  Returns a
+    Python float (``per_image=True``: the ``(...)`` per-image percentages, a tensor for
+    tensor inputs, else a numpy array).
+    """
+    pred, pred_tensor = _as_float64("pred_angles", pred_angles)
+    true, _ = _as_float64("true_angles", true_angles)
+    if pred.dim() < 1 or pred.shape[-1] < 1:
+        raise ValueError(f"pred_angles must have shape (..., 3), got {tuple(pred.shape)}")
+    if true.shape != pred.shape:
+        raise ValueError(f"true_angles must have the shape of pred_angles {tuple(pred.shape)}, got "
+                         f"{tuple(true.shape)}")
+    true = true.to(pred.device)
+    numerator = (pred - true).abs().sum(-1)
+    denominator = (pred + true).sum(-1)
+    per = 100 * torch.where(numerator == 0, torch.zeros_like(numerator), numerator / denominator)
+    if per_image:
+        return _returned(per, pred_angles, pred_tensor)
+    if per.numel() == 0:
+        raise ValueError("smape needs at least one image")
+    return float(per.mean())

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ._runs import atomic_write_bytes
+from .engine.files import atomic_write_bytes
 
 __all__ = ["plot_curves", "plot_per_landmark"]
 

@@ -11,109 +11,21 @@ confidence, and the radius within which the true landmark lies with the checkpoi
 coverage (split-conformal, calibrated on the training run's validation split).  Writes ``<out>/predictions.json`` or ``.csv``
 (``--format``, also printed) and an overlay PNG per image with the radius circles.
 Unreadable inputs are reported and skipped; the exit code is then 1.
+The predicting is :mod:`coorkern.engine.predictor`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
-import io
-import json
-import math
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from .engine.checkpoints import best_checkpoint_or_error
+from .engine.cli_args import HelpFormatter, description, positive_float, positive_int, prog
+from .engine.inference import device_or_error
+from .engine.predictor import Predictor, expand_inputs, predict_files, write_predictions
 
-from . import conformal, metrics
-from . import data as data_mod
-from ._runs import (HelpFormatter, atomic_write_bytes, best_checkpoint_or_error, description,
-                    model_from_checkpoint, positive_float, positive_int, prog, save_overlay, write_json)
-from .evaluate import autocast, device_or_error
-
-__all__ = ["predict_image", "predict_batch", "expand_inputs", "build_parser", "main"]
-
-KNOWN_SPACING = {"isbi2015": 0.1}  # mm per original pixel, when the model was trained on that data set
-IMAGE_SUFFIXES = data_mod.IMAGE_EXTENSIONS  # the files a folder or pattern contributes
-CSV_FIELDS = ("image", "landmark", "x", "y", "x_mm", "y_mm", "confidence", "radius_px", "radius_mm", "coverage")
-
-
-def _is_image_file(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and any(name.endswith(suffix) for suffix in IMAGE_SUFFIXES)
-
-
-def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files, folders (their image files, sorted) and glob patterns -> ``(paths, problems)``.
-
-    A problem is ``(input, reason)`` for an input that names nothing to read.
-    """
-    paths: list[Path] = []
-    problems: list[tuple[str, str]] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if _is_image_file(p))
-            if not found:
-                problems.append((name, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"))
-        elif glob.has_magic(name):
-            found = sorted(Path(p) for p in glob.glob(name, recursive=True) if _is_image_file(Path(p)))
-            if not found:
-                problems.append((name, "no image file matches this pattern"))
-        elif path.exists():
-            found = [path]
-        else:
-            found = []
-            problems.append((name, "file not found"))
-        paths.extend(found)
-    unique = list(dict.fromkeys(paths))
-    return unique, problems
-
-
-def predict_batch(model, images: Sequence[torch.Tensor], image_size, device="cpu", amp=None):
-    """Landmarks of ``(1, H, W)`` images of any sizes in their own pixels: ``(coords (N, L, 2), confidence (N, L))``.
-
-    Each image is resized to ``image_size`` (bilinear, antialiased) and normalized; a
-    heatmap pixel centre ``c`` maps back to ``(c + 0.5) * original / resized - 0.5``.
-    """
-    h, w = image_size
-    batch = torch.cat([F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False,
-                                     antialias=True) for image in images])
-    batch = data_mod.normalize(batch).to(device)
-    with torch.no_grad(), autocast(device, amp):
-        logits = model(batch)
-    coords, conf = metrics.decode_heatmaps(logits.float())
-    scale = torch.tensor([[image.shape[-1] / w, image.shape[-2] / h] for image in images])  # (N, 2) x, y
-    coords = (coords.cpu() + 0.5) * scale[:, None, :] - 0.5
-    return coords, conf.cpu()
-
-
-def predict_image(model, image: torch.Tensor, image_size, device="cpu", amp=None):
-    """Landmarks of one ``(1, H, W)`` image in its own pixels: ``(coords (L, 2), confidence (L,))``."""
-    coords, conf = predict_batch(model, [image], image_size, device, amp)
-    return coords[0], conf[0]
-
-
-def _hand_spacing(cfg: dict, coords: torch.Tensor):
-    """For a hand model: the data set's convention, ``wrist_mm`` between the predicted wrist landmarks."""
-    if cfg["data"] != "hand":
-        return None
-    options = cfg.get("data_options", {})
-    wrist = list(options.get("wrist_indices", (1, 5)))
-    subset = options.get("landmark_indices")
-    if subset is not None:
-        if not all(i in subset for i in wrist):
-            return None
-        wrist = [list(subset).index(i) for i in wrist]
-    dist = float((coords[wrist[0]] - coords[wrist[1]]).norm())
-    if not dist > 0:
-        return None
-    mm = float(options.get("wrist_mm", 50.0)) / dist
-    return [mm, mm]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,112 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _round(value: float, digits: int):
-    return round(value, digits) if math.isfinite(value) else None
-
-
-class _Predictor:
-    """The checkpoint's model with what turns its output into records: spacing rules and conformal radii."""
-
-    def __init__(self, ckpt: dict, args, device) -> None:
-        self.cfg = ckpt["config"]
-        self.model = model_from_checkpoint(ckpt, device)
-        self.image_size = tuple(self.cfg["image_size"])
-        self.calibration = ckpt.get("conformal")
-        self.args, self.device = args, device
-        self.given = None if args.spacing is None else (list(args.spacing) * 2)[:2]
-
-    def _spacing(self, file_spacing, coords):
-        """First known wins: --spacing, a data set's measured convention (hand), the file's header,
-        the spacing every training image shared, ISBI's 0.1 mm (checkpoints from before that)."""
-        candidates = (
-            (self.given, "given"),
-            (_hand_spacing(self.cfg, coords), "wrist width (hand data set) of the predicted landmarks"),
-            (None if file_spacing is None else [float(v) for v in file_spacing], "image header"),
-            (self.cfg.get("pixel_spacing_mm"), "the training images' spacing"),
-            ([KNOWN_SPACING[self.cfg["data"]]] * 2 if self.cfg["data"] in KNOWN_SPACING else None,
-             f"the {self.cfg['data']} data set's convention"),
-        )
-        return next(((s, why) for s, why in candidates if s is not None), (None, None))
-
-    def entries(self, names, images, spacings) -> list:
-        coords, conf = predict_batch(self.model, images, self.image_size, self.device, self.args.amp)
-        radius = conformal.radii(self.calibration, conf) if self.calibration else None
-        return [self._entry(name, image, file_spacing, coords[i], conf[i], None if radius is None else radius[i])
-                for i, (name, image, file_spacing) in enumerate(zip(names, images, spacings))]
-
-    def _entry(self, name, image, file_spacing, coords, conf, radius) -> dict:
-        oh, ow = image.shape[-2:]
-        h, w = self.image_size
-        entry = {"image": str(name), "image_size": [oh, ow],
-                 "landmarks_px": [[round(float(x), 3), round(float(y), 3)] for x, y in coords.tolist()],
-                 "confidence": [round(float(c), 4) for c in conf.tolist()]}
-        spacing, source = self._spacing(file_spacing, coords)
-        if spacing is not None:
-            entry["spacing_mm"] = [round(v, 6) for v in spacing]
-            entry["spacing_source"] = source
-            entry["landmarks_mm"] = [[round(x * spacing[0], 4), round(y * spacing[1], 4)] for x, y in coords.tolist()]
-        if radius is not None:
-            # A circle of radius r in the model's pixels is an ellipse here; the circle around it keeps the coverage.
-            entry["coverage"] = self.calibration["coverage"]
-            entry["radius_px"] = [_round(float(r) * max(ow / w, oh / h), 3) for r in radius]
-            if spacing is not None:
-                entry["radius_mm"] = [_round(float(r) * max(ow / w * spacing[0], oh / h * spacing[1]), 4)
-                                      for r in radius]
-        entry["landmarks"] = _records(entry)
-        if not self.args.no_overlay:
-            scale = max(1, 512 // max(oh, ow))
-            radius_px = None if radius is None else torch.tensor(
-                [math.inf if r is None else r for r in entry["radius_px"]])
-            path = save_overlay(Path(self.args.out) / f"{Path(name).stem}_landmarks.png", image, pred=coords,
-                                scale=scale, radii=radius_px)
-            entry["overlay"] = str(path)
-        return entry
-
-
-def _records(entry: dict) -> list:
-    """One record per landmark of an image entry (the CSV rows, less the image name)."""
-    records = []
-    for i, (x, y) in enumerate(entry["landmarks_px"]):
-        record = {"landmark": i, "x": x, "y": y}
-        if "landmarks_mm" in entry:
-            record["x_mm"], record["y_mm"] = entry["landmarks_mm"][i]
-        record["confidence"] = entry["confidence"][i]
-        if "radius_px" in entry:
-            record["radius_px"] = entry["radius_px"][i]
-            if "radius_mm" in entry:
-                record["radius_mm"] = entry["radius_mm"][i]
-            record["coverage"] = entry["coverage"]
-        records.append(record)
-    return records
-
-
-def to_csv(results: list) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, restval="", lineterminator="\n")
-    writer.writeheader()
-    for entry in results:
-        for record in entry["landmarks"]:
-            writer.writerow({"image": entry["image"], **record})
-    return buffer.getvalue()
-
-
-def _read_all(names: Sequence[Path], failures: list, bar) -> tuple[list, list, list]:
-    ok_names, images, spacings = [], [], []
-    for name in names:
-        try:
-            image, spacing = data_mod.read_image_with_spacing(name)
-        except (data_mod.DatasetFormatError, OSError, RuntimeError, ValueError) as exc:
-            failures.append((str(name), str(exc)))
-            tqdm.write(f"skipped {name}: {exc}", file=sys.stderr)
-            bar.update(1)
-            continue
-        ok_names.append(name)
-        images.append(image)
-        spacings.append(spacing)
-    return ok_names, images, spacings
-
-
 def main(argv: Optional[Sequence[str]] = None) -> list:
     """Predict every input; returns the per-image entries.  Exits with code 1 after reporting unreadable inputs."""
     parser = build_parser()
@@ -250,30 +56,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if args.spacing is not None and len(args.spacing) not in (1, 2):
         parser.error("--spacing takes one or two positive numbers (mm per pixel in x [and y])")
     ckpt = best_checkpoint_or_error(parser, args.checkpoint)
-    predictor = _Predictor(ckpt, args, device_or_error(parser, args.device))
+    predictor = Predictor(ckpt, device_or_error(parser, args.device), amp=args.amp, spacing=args.spacing,
+                          overlay_dir=None if args.no_overlay else args.out)
     if predictor.calibration is None:
         print(f"note: {ckpt['path']} holds no calibrated uncertainty radii (a checkpoint_best.pt of a finished "
               "run does); predicting without them", file=sys.stderr)
     paths, failures = expand_inputs(args.images)
     for name, reason in failures:
         print(f"skipped {name}: {reason}", file=sys.stderr)
-    results: list = []
-    with tqdm(total=len(paths), desc="predict", unit="image", dynamic_ncols=True,
-              disable=None if args.progress else True) as bar:
-        for start in range(0, len(paths), args.batch_size):
-            names, images, spacings = _read_all(paths[start:start + args.batch_size], failures, bar)
-            if names:
-                results.extend(predictor.entries(names, images, spacings))
-                bar.update(len(names))
+    results = predict_files(predictor, paths, args.batch_size, args.progress, failures)
     if results:
-        out = Path(args.out)
-        if args.format == "csv":
-            text = to_csv(results)
-            atomic_write_bytes(out / "predictions.csv", text.encode())
-        else:
-            text = json.dumps(results, indent=2) + "\n"
-            write_json(out / "predictions.json", results)
-        sys.stdout.write(text)
+        sys.stdout.write(write_predictions(results, args.out, args.format))
     if failures:
         print(f"error: {len(failures)} input(s) could not be read ({', '.join(n for n, _ in failures)}); "
               f"{len(results)} image(s) predicted", file=sys.stderr)

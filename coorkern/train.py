@@ -22,63 +22,34 @@ overrides it).  Every run writes a folder (``--out``, default ``runs/<time>-<dat
 Checkpoints are written atomically (temporary file + ``os.replace``) and load with
 ``torch.load(path, weights_only=True)``.  Under ``torchrun`` the same command trains
 with DistributedDataParallel (NCCL on GPUs, gloo on CPU); only rank 0 writes files.
-The steps (:func:`setup_run`, :func:`train_one_epoch`, :func:`validate`,
-:func:`save_checkpoints`, :func:`final_report`) are public for other drivers.
+This module parses the options; the run itself, step by step, is
+:mod:`coorkern.engine.trainer`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import io
-import json
-import math
-import os
-import platform
-import random
 import sys
-import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
-from . import conformal, metrics, profiles
+from . import conformal
 from . import data as data_mod
-from ._config import add_config_option, parse_with_config, plain_options, write_config
-from ._runs import (HelpFormatter, atomic_write_bytes, build_model, description, load_checkpoint,
-                    positive_float, positive_int, prog, render_overlay, save_checkpoint, set_rng_state,
-                    update_checkpoint, write_json)
-from .evaluate import (autocast, device_or_error, evaluate_predictions, format_coverage, held_out_report,
-                       run_inference)
-from ._tensorboard import TensorBoardLogger, require_tensorboard
+from .engine import profiles
+from .engine.checkpoints import load_checkpoint
+from .engine.cli_args import HelpFormatter, description, fraction, key_value, positive_float, positive_int, prog
+from .engine.config import add_config_option, parse_with_config
+from .engine.trainer import Options, run_training
 from .losses import LOSSES, heatmap_loss
 from .models import TRANSFORMER_KINDS
 
-__all__ = ["build_parser", "main", "Options", "parse_args", "setup_run", "train_one_epoch", "validate", "save_checkpoints",
-           "final_report", "calibrate_radii", "Run", "compute_loss", "LOSSES"]
+__all__ = ["build_parser", "parse_args", "main", "Options", "compute_loss", "LOSSES"]
 
-compute_loss = heatmap_loss  # the name this module exported before the losses moved to coorkern.losses
-# Options that say where this invocation writes or continues, not what it trains: not in config.yaml.
-RUN_LOCATION_OPTIONS = ("out", "resume", "stop_after", "config")
-# Defaults that depend on the hardware: a small, quick configuration on CPU.
-PROFILES = {
-    "cpu": dict(image_size=(128, 128), base_channels=8, epochs=10, batch_size=8, train_samples=600,
-                val_samples=64, test_samples=200),
-    "cuda": dict(image_size=None, base_channels=64, epochs=40, batch_size=4, train_samples=800,
-                 val_samples=100, test_samples=200),
-}
-SPLITS = {  # (train, validation for model selection, final test) per dataset
-    "synthetic": ("train", "val", "test"),
-    "isbi2015": ("train", "test", "test"),
-    "hand": ("train", "test", "test"),
-    "chest": ("train", "test", "test"),
-    "csv": ("train", "test", "test"),
-}
+compute_loss = heatmap_loss  # kept for callers of coorkern.train.compute_loss; the losses live in coorkern.losses
+# Saved options of a --resume'd run that this invocation decides anew (where it writes, how it runs).
+RESUME_OVERRIDES = ("resume", "out", "stop_after", "progress", "workers", "device", "threads", "overlays")
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -109,7 +80,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--augment", action=argparse.BooleanOptionalAction, default=None,
         help="random rotation/scale/translation/intensity (default: on for real data, off for synthetic)")
     add("--thresholds", type=positive_float, nargs="+", help="SDR radii (mm, px without spacing); default per dataset")
-    add("--data-option", type=_key_value, action="append", metavar="KEY=VALUE",
+    add("--data-option", type=key_value, action="append", metavar="KEY=VALUE",
         help="extra load_dataset option, repeatable; VALUE is JSON or a string, e.g. annotator=senior "
              "(isbi2015), cv_fold=1, wrist_indices=[1,5] or landmark_indices=[0,4,8] (hand), strict=true, "
              "train_fraction=0.9, file=my.json (csv)")
@@ -126,7 +97,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimization")
     add("--profile", choices=profiles.PROFILE_CHOICES, default="auto",
-        help="defaults for the options not given (coorkern.profiles): paper = the paper's configuration, cpu = "
+        help="defaults for the options not given (coorkern.engine.profiles): paper = the paper's configuration, cpu = "
              "~30 min per real-data run on 2 cores; auto = paper on CUDA, cpu without, for real data")
     add("--epochs", type=positive_int, help="epochs (default 10 on CPU, 40 on GPU)")
     add("--batch-size", type=positive_int,
@@ -162,193 +133,11 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="write TensorBoard logs to <run>/tensorboard (needs pip install 'coorkern[tensorboard]')")
 
     g = p.add_argument_group("uncertainty")
-    add("--coverage", type=_fraction, default=0.9,
+    add("--coverage", type=fraction, default=0.9,
         help="coverage of the per-landmark conformal radii calibrated on the validation split after training")
     add("--conformal-score", choices=conformal.SCORES, default="none",
         help="scale of the radius per prediction: none (one radius per landmark) or peak (1 / heatmap peak)")
     return p
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-# ---------------------------------------------------------------------------
-# Setup
-
-
-class _Dist:
-    """torchrun environment: rank/world size; ``active`` when WORLD_SIZE > 1."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.active = self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
-
-def _resolve(args, device: torch.device) -> None:
-    """Fill the hardware- and dataset-dependent defaults in place."""
-    profile = PROFILES["cuda" if device.type == "cuda" else "cpu"]
-    for key in ("base_channels", "epochs", "batch_size", "train_samples", "val_samples", "test_samples"):
-        if getattr(args, key) is None:
-            setattr(args, key, profile[key])
-    if args.image_size is None:
-        size = profile["image_size"] if args.data == "synthetic" else None
-        args.image_size = list(size or data_mod.DEFAULT_IMAGE_SIZE[args.data])
-    train, val, test = SPLITS[args.data]
-    if args.data == "isbi2015" and args.protocol == "challenge":
-        val, test = "test1", "test2"
-    args.train_split = args.train_split or train
-    args.val_split = args.val_split or val
-    args.test_split = args.test_split or test
-    if args.augment is None:
-        args.augment = args.data != "synthetic"
-
-
-def _common_spacing(dataset) -> Optional[list]:
-    """The original-pixel spacing (mm) shared by every training record, else None: stored in
-    the checkpoint so that ``predict`` can give mm for inputs whose files carry no spacing
-    (e.g. the ISBI JPEGs of a model trained from a CSV).  None for data sets without records
-    (synthetic) or with per-image spacings (hand: its wrist rule)."""
-    spacings = {tuple(float(v) for v in rec.spacing) for rec in getattr(dataset, "records", None) or ()}
-    return list(spacings.pop()) if len(spacings) == 1 else None
-
-
-def _data_options(args) -> dict:
-    """The dataset options of this run (everything but split, size, augmentation, sample count)."""
-    options = {"seed": args.seed}
-    if args.data == "synthetic":
-        options["difficulty"] = args.difficulty
-    if args.data == "isbi2015" and args.protocol:
-        options["protocol"] = args.protocol
-    if args.thresholds:
-        options["thresholds"] = args.thresholds
-    options.update(dict(args.data_option or []))
-    return options
-
-
-def _dataset(args, split: str, augment: bool):
-    options = {**_data_options(args), "augment": augment}
-    if args.data == "synthetic":
-        options["num_samples"] = {"train": args.train_samples, "val": args.val_samples,
-                                  "test": args.test_samples}.get(split)
-    try:
-        return data_mod.load_dataset(args.data, args.root, split, tuple(args.image_size), **options)
-    except TypeError as exc:  # an unknown --data-option
-        raise ValueError(f"--data-option: {exc}") from None
-
-
-def _key_value(text: str) -> tuple:
-    """``KEY=VALUE`` with VALUE parsed as JSON when it is (numbers, lists, true/false), else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _model_config(args, num_landmarks: int) -> dict:
-    return dict(in_channels=1, num_landmarks=num_landmarks, base_channels=args.base_channels,
-                depths=list(args.depths), heads=list(args.heads), mlp_ratio=args.mlp_ratio,
-                transformer=args.transformer)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _set_deterministic(on: bool) -> None:
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    if on != torch.are_deterministic_algorithms_enabled():  # the call imports torch._inductor (~3 s on this CPU)
-        torch.use_deterministic_algorithms(on)
-
-
-def _history_csv(history: list) -> bytes:
-    keys = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    for row in history:
-        writer.writerow(row)
-    return buf.getvalue().encode()
-
-
-def _log(dist: _Dist, *parts) -> None:
-    if dist.main:
-        print(*parts, flush=True)
-
-
-# ---------------------------------------------------------------------------
-# The steps of a run
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything one training run holds between its steps."""
-
-    args: argparse.Namespace
-    dist: _Dist
-    device: torch.device
-    config: dict
-    run_dir: Path
-    train_ds: Any
-    val_ds: Any
-    test_ds: Any
-    thresholds: tuple
-    mean_shape: torch.Tensor
-    model: torch.nn.Module
-    train_model: torch.nn.Module  # the model wrapped for training (DDP, torch.compile)
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: Optional[torch.amp.GradScaler]
-    sampler: DistributedSampler
-    loader: DataLoader
-    history: list = dataclasses.field(default_factory=list)
-    start_epoch: int = 0
-    best: float = math.inf
-    tensorboard: Any = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.loader)
-
-    def loss(self, logits: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        return heatmap_loss(self.args.loss, logits, landmarks, self.args.sigma, self.args.r)
-
-    @property
-    def eval_batch_size(self) -> int:
-        return max(self.args.batch_size, 8)
-
-
-class Options(NamedTuple):
-    """The parsed command: ``args``, its ``parser`` (for errors), the ``--resume`` checkpoint and the
-    ``explicit`` options (given on the command line or in ``--config``, not defaults)."""
-
-    args: argparse.Namespace
-    parser: argparse.ArgumentParser
-    resume_checkpoint: Optional[dict]
-    explicit: dict
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -368,7 +157,7 @@ def parse_args(argv: Sequence[str]) -> Options:
             parser.error(str(exc))
         saved = dict(resume_ckpt["config"]["args"])
         # The saved options, except those given again on this command line (or its --config).
-        for key in ("resume", "out", "stop_after", "progress", "workers", "device", "threads", "overlays"):
+        for key in RESUME_OVERRIDES:
             saved.pop(key, None)
         saved.update(explicit)
         args = argparse.Namespace(**{**vars(args), **saved})
@@ -383,312 +172,13 @@ def parse_args(argv: Sequence[str]) -> Options:
     return Options(args, parser, resume_ckpt, explicit)
 
 
-def _select_device(args, parser, dist: _Dist) -> torch.device:
-    if args.device == "auto" and dist.active and torch.cuda.is_available():
-        device = torch.device("cuda", dist.local_rank)
-    else:
-        device = device_or_error(parser, args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if dist.active and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    elif device.type == "cpu" and (os.cpu_count() or 1) <= 2:
-        torch.set_num_threads(1)
-    return device
-
-
-def setup_run(options: Options) -> Run:
-    """Device, data, model, optimizer and schedule (restored with ``--resume``), run folder and its config."""
-    args, parser, resume_ckpt = options.args, options.parser, options.resume_checkpoint
-    dist = _Dist()
-    device = _select_device(args, parser, dist)
-    note = profiles.apply_profile(args, options.explicit, device) if resume_ckpt is None else None
-    if note:
-        _log(dist, note)
-    _resolve(args, device)
-    _set_deterministic(args.deterministic)
-    _seed_everything(args.seed)
-    if args.amp == "fp16" and device.type == "cpu":
-        _log(dist, "note: --amp fp16 on CPU runs without a gradient scaler")
-    if args.tensorboard and dist.main:
-        try:
-            require_tensorboard()
-        except ImportError as exc:
-            parser.error(str(exc))
-
-    try:
-        train_ds = _dataset(args, args.train_split, args.augment)
-        val_ds = _dataset(args, args.val_split, False)
-        test_ds = val_ds if args.test_split == args.val_split else _dataset(args, args.test_split, False)
-    except (ValueError, data_mod.DatasetFormatError) as exc:
-        parser.error(str(exc))
-    if args.test_split == args.val_split:
-        _log(dist, f"note: the best epoch is selected (and the uncertainty radii calibrated) on the "
-                   f"'{args.val_split}' split that is also reported as held-out (the published protocols do "
-                   "this); the reported metrics and coverage are then optimistic. Pass --val-split to select "
-                   "on a separate split.")
-    num_landmarks = train_ds.num_landmarks
-    model_config = _model_config(args, num_landmarks)
-    model = build_model(model_config)
-    # Start the heatmaps near the background level (prior probability ~1%), as detection heads do:
-    # the first steps then refine peaks instead of pushing 99% of the pixels down.
-    torch.nn.init.constant_(model.head.bias, args.head_bias)
-    model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.min_lr, weight_decay=args.weight_decay)
-    sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        collate_fn=data_mod.collate, drop_last=True, persistent_workers=False)
-    if len(loader) == 0:
-        parser.error(f"--batch-size {args.batch_size} is larger than the training images per process "
-                     f"({len(train_ds)} / {dist.world})")
-    half_cycle = max(1, len(loader) * args.epochs // (2 * args.lr_cycles))
-    scheduler = torch.optim.lr_scheduler.CyclicLR(
-        optimizer, base_lr=args.min_lr, max_lr=args.lr, step_size_up=half_cycle, mode="triangular",
-        cycle_momentum=False,
-    )
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
-    thresholds = tuple(args.thresholds or train_ds.thresholds)
-    config = {
-        "args": vars(args),
-        "data": args.data,
-        "root": str(Path(args.root).resolve()) if args.root else None,
-        "image_size": list(args.image_size),
-        "test_split": args.test_split,
-        "data_options": _data_options(args),
-        "pixel_spacing_mm": _common_spacing(train_ds),
-        "model": model_config,
-        "thresholds": list(thresholds),
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-                        "world_size": dist.world, "threads": torch.get_num_threads()},
-    }
-    run_dir = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.data}"
-    run = Run(args=args, dist=dist, device=device, config=config, run_dir=run_dir, train_ds=train_ds, val_ds=val_ds,
-              test_ds=test_ds, thresholds=thresholds, mean_shape=metrics.mean_shape_baseline(train_ds.all_landmarks()),
-              model=model, train_model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-              sampler=sampler, loader=loader)
-    if resume_ckpt is not None:
-        _restore(run, resume_ckpt)
-    if dist.active:
-        run.train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        run.train_model = torch.compile(run.train_model)
-    if dist.main:
-        _write_config(run)
-        if args.tensorboard:
-            run.tensorboard = TensorBoardLogger(run_dir / "tensorboard")
-        n_params = sum(p.numel() for p in model.parameters())
-        _log(dist, f"coorkern.train: {args.data} {tuple(args.image_size)}, {len(train_ds)} train / {len(val_ds)} "
-                   f"{args.val_split} / {len(test_ds)} {args.test_split} images, {num_landmarks} landmarks; "
-                   f"CoorDetector(base={args.base_channels}, transformer={args.transformer}) {n_params:,} params; "
-                   f"{args.loss} loss, {args.epochs} epochs x {len(loader)} steps, batch {args.batch_size}"
-                   f"{f' x {dist.world} processes' if dist.active else ''}, device {device}; run folder {run_dir}")
-    return run
-
-
-def _restore(run: Run, ckpt: dict) -> None:
-    """Model, optimizer, schedule, scaler, RNG, history and best score of a checkpoint (``--resume``)."""
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    if run.scaler is not None and "scaler" in ckpt:
-        run.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    run.start_epoch = ckpt["epoch"] + 1
-    run.history = json.loads(ckpt["history"])
-    run.best = float(ckpt["best"])
-
-
-def _write_config(run: Run) -> None:
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run.run_dir / "config.json", run.config)
-    write_config(run.run_dir / "config.yaml", plain_options(vars(run.args), exclude=RUN_LOCATION_OPTIONS),
-                 header="coorkern train options of this run, resolved (defaults filled in for this machine).\n"
-                        "Rerun it with: coorkern train --config <this file> --out <new folder>")
-
-
-def train_one_epoch(run: Run, epoch: int) -> dict:
-    """One pass over the training data (``epoch`` counts from 0); returns the epoch's metrics row."""
-    args, dist = run.args, run.dist
-    run.sampler.set_epoch(epoch)
-    if hasattr(run.train_ds, "set_epoch"):
-        run.train_ds.set_epoch(epoch)
-    run.train_model.train()
-    steps = run.steps_per_epoch
-    # disable=None: tqdm draws only on a terminal, so redirected logs stay free of bar redraws.
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", dynamic_ncols=True,
-               mininterval=0.5, disable=None if args.progress and dist.main else True)
-    t0 = time.time()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    lr = run.optimizer.param_groups[0]["lr"]
-    for step, batch in enumerate(run.loader):
-        images = batch["image"].to(run.device, non_blocking=True)
-        landmarks = batch["landmarks"].to(run.device, non_blocking=True)
-        with autocast(run.device, args.amp):
-            logits = run.train_model(images)
-        loss = run.loss(logits, landmarks)
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            run.optimizer.step()
-        lr = run.optimizer.param_groups[0]["lr"]
-        run.scheduler.step()
-        loss_value = loss.detach().double().cpu()
-        loss_sum += loss_value
-        if run.tensorboard is not None:
-            run.tensorboard.step(epoch * steps + step, float(loss_value), lr)
-        rate = (step + 1) * args.batch_size * dist.world / max(time.time() - t0, 1e-9)
-        bar.set_postfix_str(f"loss={float(loss_value):.5f}, lr={lr:.2e}, img_s={rate:.1f}", refresh=False)
-        bar.update(1)
-    bar.close()
-    if dist.active:
-        torch.distributed.all_reduce(loss_sum)
-        loss_sum /= dist.world
-        # Parameters agree after every step; BatchNorm statistics are per process: average
-        # them so every rank holds the same model (and the checkpoint sees every rank's data).
-        for buffer in run.model.buffers():
-            if buffer.is_floating_point():
-                torch.distributed.all_reduce(buffer)
-                buffer /= dist.world
-    train_time = time.time() - t0
-    return {"epoch": epoch + 1, "train_loss": float(loss_sum) / steps, "lr": lr,
-            "images_per_s": steps * args.batch_size * dist.world / train_time, "epoch_time_s": train_time}
-
-
-def validate(run: Run, row: dict) -> tuple[float, dict]:
-    """Validation loss/MRE/SDR of the current model added to ``row``; returns ``(selection score, metrics)``."""
-    inference = run_inference(run.model, run.val_ds, run.eval_batch_size, run.device, run.args.amp, run.loss)
-    val_metrics, _, _ = evaluate_predictions(inference, run.thresholds)
-    row["val_loss"] = inference["loss"]
-    row[f"val_mre_{val_metrics['unit']}"] = val_metrics["overall"]["mre"]
-    for key, value in val_metrics["overall"]["sdr"].items():
-        row[f"val_sdr_{key}{val_metrics['unit']}"] = value
-    score = inference["loss"] if run.args.select == "loss" else val_metrics["overall"]["mre"]
-    return score, val_metrics
-
-
-def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
-    """``checkpoint_last.pt`` (and ``checkpoint_best.pt`` when ``improved``), metrics files and ``curves.png``."""
-    from .plots import plot_curves
-
-    extra = {"history": json.dumps(run.history), "best": run.best, "mean_shape": run.mean_shape}
-    ckpt_args = dict(model=run.model, config=run.config, epoch=epoch, optimizer=run.optimizer,
-                     scheduler=run.scheduler, scaler=run.scaler, extra=extra)
-    save_checkpoint(run.run_dir / "checkpoint_last.pt", **ckpt_args)
-    if improved:
-        save_checkpoint(run.run_dir / "checkpoint_best.pt", **ckpt_args)
-    write_json(run.run_dir / "metrics.json", run.history)
-    atomic_write_bytes(run.run_dir / "metrics.csv", _history_csv(run.history))
-    plot_curves(run.history, run.run_dir / "curves.png")
-
-
-@torch.no_grad()
-def _log_validation_images(run: Run, epoch: int, count: int = 4) -> None:
-    """A few validation overlays and predicted heatmaps (max over landmarks) to TensorBoard."""
-    items = [run.val_ds[i] for i in range(min(count, len(run.val_ds)))]
-    images = torch.stack([item["image"] for item in items]).to(run.device)
-    run.model.eval()
-    with autocast(run.device, run.args.amp):
-        logits = run.model(images).float()
-    coords, _ = metrics.decode_heatmaps(logits)
-    overlays = [render_overlay(item["image"], item["landmarks"], coords[i].cpu(),
-                               scale=max(1, 256 // max(item["image"].shape[-2:]))) for i, item in enumerate(items)]
-    run.tensorboard.images(epoch + 1, overlays, torch.sigmoid(logits).amax(1, keepdim=True))
-
-
-def calibrate_radii(run: Run, model: torch.nn.Module) -> dict:
-    """Split-conformal radii per landmark from ``model``'s errors on the validation split (model-input px)."""
-    inference = run_inference(model, run.val_ds, run.eval_batch_size, run.device, run.args.amp)
-    errors = metrics.radial_errors(inference["pred"], inference["truth"])
-    calibration = conformal.calibrate(errors, run.args.coverage, inference["confidence"],
-                                      run.args.conformal_score)
-    calibration["split"] = run.args.val_split
-    return calibration
-
-
-def final_report(run: Run, t_start: float) -> dict:
-    """Calibrate the radii on the validation split, store them in the best checkpoint, report the test split."""
-    args, dist = run.args, run.dist
-    best_path = run.run_dir / "checkpoint_best.pt"
-    best_ckpt = load_checkpoint(best_path)
-    model = build_model(run.config["model"]).to(run.device)
-    model.load_state_dict(best_ckpt["model"])
-    calibration = calibrate_radii(run, model)
-    update_checkpoint(best_path, conformal=calibration)
-    held_out = held_out_report(model, run.test_ds, run.thresholds, device=run.device,
-                               batch_size=run.eval_batch_size, amp=args.amp, mean_shape=run.mean_shape,
-                               calibration=calibration, out=run.run_dir, overlays=args.overlays)
-    write_json(run.run_dir / "test_metrics.json", {"split": args.test_split, "images": len(run.test_ds),
-                                                    "best_epoch": best_ckpt["epoch"] + 1,
-                                                    "model": held_out["metrics"], "baseline": held_out["baseline"],
-                                                    "conformal": held_out["conformal"]})
-    minutes = (time.time() - t_start) / 60
-    _log(dist, f"\nheld-out {args.test_split} ({len(run.test_ds)} images), best epoch {best_ckpt['epoch'] + 1}, "
-               f"trained in {minutes:.1f} min:")
-    _log(dist, metrics.format_table(held_out["metrics"], held_out["baseline"]))
-    _log(dist, format_coverage(held_out["conformal"]) + f" (calibrated on '{args.val_split}')")
-    _log(dist, f"run folder: {run.run_dir}")
-    return {"test": held_out["metrics"], "baseline": held_out["baseline"], "conformal": held_out["conformal"]}
-
-
-# ---------------------------------------------------------------------------
-# Main
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run training; returns a dict with ``run_dir``, ``history``, ``test``/``baseline`` metrics and ``model``.
 
     Process-wide settings it changes (torch threads, deterministic algorithms) are restored
     on return, so it can be called in-process (tests, notebooks).
     """
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
-    finally:
-        torch.set_num_threads(threads)
-        if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call imports torch._inductor (~3 s)
-            torch.use_deterministic_algorithms(deterministic)
-
-
-def _main(argv: list) -> dict:
-    run = setup_run(parse_args(argv))
-    args, dist = run.args, run.dist
-    t_start = time.time()
-    stop_at = args.epochs if args.stop_after is None else min(args.epochs, run.start_epoch + args.stop_after)
-    try:
-        for epoch in range(run.start_epoch, stop_at):
-            row = train_one_epoch(run, epoch)
-            if dist.main:
-                score, val_metrics = validate(run, row)
-                run.history.append(row)
-                improved = score < run.best
-                run.best = min(run.best, score)
-                save_checkpoints(run, epoch, improved)
-                if run.tensorboard is not None:
-                    run.tensorboard.epoch(epoch + 1, row)
-                    _log_validation_images(run, epoch)
-                _log(dist, f"epoch {epoch + 1}: train loss {row['train_loss']:.5f}, val loss {row['val_loss']:.5f}, "
-                           f"val MRE {val_metrics['overall']['mre']:.3f} {val_metrics['unit']}, "
-                           f"{row['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
-            dist.barrier()
-        result = {"run_dir": run.run_dir, "history": run.history, "model": run.model, "config": run.config,
-                  "test": None, "baseline": None, "conformal": None, "time_s": time.time() - t_start}
-        if dist.main and stop_at == args.epochs and (run.run_dir / "checkpoint_best.pt").is_file():
-            result.update(final_report(run, t_start))
-        elif dist.main and stop_at < args.epochs:
-            _log(dist, f"stopped after epoch {stop_at}; continue with --resume {run.run_dir / 'checkpoint_last.pt'}")
-    finally:
-        if run.tensorboard is not None:
-            run.tensorboard.close()
-    dist.barrier()
-    return result
+    return run_training(parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

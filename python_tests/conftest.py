@@ -4,7 +4,7 @@ Default: on CPU tensors through the Triton interpreter.  TRITON_INTERPRET must b
 before any module defining a ``@triton.jit`` kernel is imported, so it is set here,
 before pytest imports coorkern.
 
-``COORKERN_TEST_DEVICE=cuda``: the CUDA tests (``python_tests/test_cuda_*.py``) run on
+``COORKERN_TEST_DEVICE=cuda``: the CUDA tests (``python_tests/cuda/``) run on
 CUDA tensors with the real Triton compiler; TRITON_INTERPRET is left unset (and must not
 be set by the caller).  The interpreter-based tests of the other files then report
 skipped, since CPU tensors cannot reach the Triton kernels without the interpreter.
@@ -25,23 +25,28 @@ else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's notice; keeps its default
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-CUDA_TEST_PREFIX = "test_cuda_"
+TESTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR))  # the shared helpers: ``from support.<module> import ...``
+CUDA_TESTS_DIR = TESTS_DIR / "cuda"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: runs on CUDA tensors (python_tests/test_cuda_*.py)")
+    config.addinivalue_line("markers", "cuda: runs on CUDA tensors (python_tests/cuda/)")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name.startswith(CUDA_TEST_PREFIX):
+        if CUDA_TESTS_DIR in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.cuda)
         elif TEST_DEVICE == "cuda":
             item.add_marker(pytest.mark.skip(
-                reason=f"{TEST_DEVICE_VAR}=cuda runs only python_tests/{CUDA_TEST_PREFIX}*.py; this test needs "
+                reason=f"{TEST_DEVICE_VAR}=cuda runs only python_tests/cuda/; this test needs "
                        "TRITON_INTERPRET=1 (the default mode)"))
 
 

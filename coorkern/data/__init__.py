@@ -19,6 +19,10 @@ Datasets (``name``), one module each:
 * ``hand`` (:mod:`.hand`) -- Digital Hand Atlas (``.mha`` or ``.jpg``) with Payer's
   ``all.csv``; spacing from the wrist width; the published ``cv_fold`` lists.
 * ``chest`` (:mod:`.chest`) -- Shenzhen chest X-rays, six landmarks as fractions; no spacing.
+* ``spine`` (:mod:`.spine`) -- AASCE 2019 / BoostNet spine X-rays, 68 vertebra corners from
+  the ``.mat`` files, the three Cobb angles per record, no spacing (pixels); splits
+  ``train``/``test`` and the fixed development holdout ``holdout_train``/``holdout_val``/
+  ``holdout_test``.
 * ``csv`` (:mod:`.table`) -- generic CSV or JSON in the usual column conventions.
 
 Images (:mod:`.images`): BMP/PNG/JPEG/TIFF through Pillow; MetaImage, NRRD, NIfTI and
@@ -37,6 +41,7 @@ from .hand import hand_records
 from .images import IMAGE_EXTENSIONS, image_size_of, read_image, read_image_with_spacing
 from .isbi2015 import ISBI_ANNOTATORS, ISBI_SPLITS, isbi2015_records
 from .loading import DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_THRESHOLDS, load_dataset
+from .spine import SPINE_HOLDOUT_ROWS, SPINE_SPLITS, SpineRecord, spine_angles, spine_holdout_split, spine_records
 from .synthetic import (
     NUM_SYNTHETIC_LANDMARKS,
     SyntheticLandmarks,
@@ -75,5 +80,11 @@ __all__ = [
     "render_synthetic",
     "resize_landmarks",
     "single_thread",
+    "SPINE_HOLDOUT_ROWS",
+    "SPINE_SPLITS",
+    "SpineRecord",
+    "spine_angles",
+    "spine_holdout_split",
+    "spine_records",
     "warp_affine",
 ]

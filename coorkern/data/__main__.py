@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .._runs import save_overlay
+from ..engine.overlays import save_overlay
 from .loading import DATASETS, load_dataset
 
 

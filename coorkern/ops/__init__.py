@@ -1,1 +1,3 @@
-"""One module per op: its Triton kernels, host launch, registration and autograd."""
+"""One package per op, each built the same way: ``kernels`` (Triton device code), ``launch``
+(configurations, autotuning, host passes), ``aot`` (ahead-of-time variants for C++ callers)
+and ``op`` (registration, autograd, public functions); ``_runtime`` and ``_aot`` are shared."""

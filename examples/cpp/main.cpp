@@ -1,6 +1,6 @@
 // Runs every coorkern op forward and backward through its C++ entry points on
 // deterministic inputs, on CPU and (when available) CUDA, and prints for each result
-// "<device> <name> <sum> <weighted sum>" (python_tests/test_cpp_library.py compares
+// "<device> <name> <sum> <weighted sum>" (python_tests/cpp/test_cpp_library.py compares
 // these lines with the Python ops on the same inputs).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -7,9 +7,10 @@
 // loss in float32 / float64, coor_attention in float32 / float64 / float16 / bfloat16 with
 // head widths d < 16 or multiples of 16 up to 128, not under deterministic algorithms).  Semantics, shapes and
 // defaults are those of the Python functions (coorkern.central_loss, ...).  There is no
-// autograd from C++: call the *_backward functions for the gradients.  Linking to
-// coorkern::ops also registers torch.ops-style names (coorkern::central_loss, ...) for
-// callers that prefer c10::Dispatcher.
+// autograd from C++: call the *_backward functions for the gradients.  Loading the library
+// also registers the ops under their dispatcher names (coorkern::central_loss, ...) for
+// callers that prefer c10::Dispatcher; the CMake target coorkern::ops keeps the library
+// linked even in a program that references none of its symbols (docs/cpp.md).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -65,6 +66,6 @@ COORKERN_API std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coor_att
 
 }  // namespace coorkern
 
-// What the library was built with: "cpu", then ";cuda_aot=<kernel>@sm_<arch>,..." when the
-// CUDA (Triton AOT) kernels are in it.
+// What the library was built with: "cpu;cuda_aot=<op>@sm_<arch>x<count>,..." when the CUDA
+// (Triton AOT) kernels are in it, "cpu;cuda_aot=none" when not (docs/cpp.md says how to get them).
 extern "C" COORKERN_API const char* coorkern_build_info();

@@ -1,0 +1,5 @@
+"""``python -m coorkern.models --summary``."""
+
+from .summary import _main
+
+_main()

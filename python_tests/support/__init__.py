@@ -1,0 +1,1 @@
+"""Helpers shared by the test files (fixtures, inputs, dispatch spies); no tests here."""
