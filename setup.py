@@ -63,7 +63,7 @@ def _generate_aot_sources(build_temp):
     """Compile the Triton kernels for sm_80/sm_90 into C++ sources; ``(sources, include_dirs)`` or None."""
     build, reason = aot_cuda_choice()
     if not build:
-        _note(f"building the C++ library without the CUDA (Triton AOT) kernels for C++ programs: {reason}.")
+        _note(f"building the C++ library without the CUDA (Triton AOT) kernels for C++ programs: {reason}")
         return None
     _note(f"compiling the CUDA (Triton AOT) kernels into the C++ library ({reason}; "
           "COORKERN_NO_AOT_CUDA=1 leaves them out).")

@@ -1,7 +1,7 @@
 """GPU truth in one command: CUDA tests, benchmarks and the detector's training step.
 
     python bench/gpu_check.py [--budget-min 9.5] [--json bench/gpu_check.json] [--no-results-md]
-                              [--stages STAGE ...]
+                              [--stages STAGE ...] [--trace-dir DIR]
 
 On a CUDA machine, within a time box (9.5 minutes by default: a lent GPU has 15 minutes in
 all and one device command at most 10), in this order:
@@ -15,12 +15,20 @@ all and one device command at most 10), in this order:
    (wall vs GPU kernel time, cProfile, torch.profiler) -- the H200 runs found both host-bound;
 4. the C++ library's ahead-of-time CUDA kernels (``csrc/aot/``): built in place, then run
    from a process that loads only ``libcoorkern_ops.so`` (``test_cuda_cpp_aot.py``);
-5. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast): step
-   time and peak memory with coorkern (auto), with coorkern's Triton kernels forced, with
-   the eager reference ops (``coorkern.backend("reference")``) and with ``torch.compile``;
-6. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
+5. a training step of the detector (512 x 416, base 64, batch 2, bf16 autocast; the trainer's
+   own step): step time and peak memory with the eager reference ops
+   (``coorkern.backend("reference")``), coorkern (auto) and coorkern's Triton kernels forced,
+   each op by op and replayed from a CUDA graph (``--cuda-graphs``), and with ``torch.compile``;
+6. traces: one central-loss fwd+bwd (8 x 19 x 512 x 416), one attention fwd+bwd on the Triton
+   path, one detector step eager and one graphed, each in a fresh process after its wall-clock
+   timing, under torch.profiler (CPU + CUDA, Python stacks).  The gzipped chrome traces go to
+   ``--trace-dir`` (default ``$OUT/traces`` when ``$OUT`` is set, else a temporary folder);
+   ``bench/profile_trace.py`` reduces each to tables -- host time per layer, launches per step,
+   the gap between a launch and its kernel, any synchronizing/copying/allocating CUDA call
+   inside the step -- which the report keeps.  ``--stage trace --device cpu`` is its dry run;
+7. ``bench/central_loss.py`` at the detector's shapes (2|8 x 19 x 512 x 416) and a
    64M-element case, fp32 and bf16 (GB/s against the minimum bytes, GPU kernel time);
-7. ``bench/attention.py`` at N = 16384 / 13312 with d = 32 / 64 / 128 and the detector's
+8. ``bench/attention.py`` at N = 16384 / 13312 with d = 32 / 64 / 128 and the detector's
    sizes in bf16, then two sizes in fp32 (TFLOP/s, next to grid_sample + SDPA and eager;
    coorkern as ``auto`` runs it and its Triton kernels forced);
 
@@ -70,10 +78,13 @@ ATTENTION_SIZES_FP32 = ["1x64x16384", "4x32x3328"]
 # second H200 run: the CUDA tests one at a time reached 23% in 183 s (compiling dominates:
 # they run on pytest-xdist workers where it is installed), the training step took ~100 s.
 DEFAULT_BUDGET_MIN = 9.5
-STAGE_CAPS = {"cuda tests": 150, "host profile": 35, "C++ CUDA kernels": 150, "training-step benchmark": 110,
-              "central loss benchmark": 55, "attention benchmark, bf16": 120, "attention benchmark, fp32": 60}
+STAGE_CAPS = {"cuda tests": 150, "host profile": 35, "C++ CUDA kernels": 150, "training-step benchmark": 150,
+              "traces": 120, "central loss benchmark": 55, "attention benchmark, bf16": 120,
+              "attention benchmark, fp32": 60}
 TABLE_KEYS = {"central loss benchmark": "central_loss_tables", "attention benchmark, bf16": "attention_tables",
-              "attention benchmark, fp32": "attention_tables", "training-step benchmark": "train_step_tables"}
+              "attention benchmark, fp32": "attention_tables", "training-step benchmark": "train_step_tables",
+              "traces": "trace_tables"}
+ALL_TABLES = ("traces",)  # stages whose every table is kept (the others: their last, complete one)
 TARGETS = {
     "central loss fwd+bwd >= 80% of copy bandwidth": 0.8,
     "central loss >= 1.3x torch.compile": 1.3,
@@ -82,7 +93,12 @@ TARGETS = {
     "attention bf16 d=64 N=16384 backward >= 150 TFLOP/s": 150.0,
     "attention bf16 d=64 N=16384 fwd+bwd >= 1.0x grid+sdpa": 1.0,
     "training step >= 1.5x eager reference ops": 1.5,
+    "graphed detector step >= 4x eager reference ops": 4.0,
+    "coorkern graphed >= 1.2x reference ops graphed": 1.2,
+    "Triton attention >= 1.0x grid_sample+SDPA in the graphed step": 1.0,
+    "central loss fwd+bwd 8x19x512x416 <= 0.35 ms": 0.35,
 }
+LOWER_IS_BETTER = ("central loss fwd+bwd 8x19x512x416 <= 0.35 ms",)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -157,11 +173,54 @@ def number(text: str) -> float:
 # ----------------------------------------------------------------------------- training step
 
 
+def _bench_run(device, size: tuple[int, int], base: int, compile_model: bool = False, graphed: bool = False):
+    """A training run's parts for one benchmark row: the detector (batch 2, bf16 autocast), Adam
+    (capturable when ``graphed``) with the cyclic schedule, the central loss as training computes
+    it (``heatmap_loss``), one batch; and the trainer's step (``coorkern.engine.step``/``cuda_graphs``)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from coorkern.engine import cuda_graphs
+    from coorkern.engine.step import EagerStep
+    from coorkern.losses import heatmap_loss
+    from coorkern.models import CoorDetector
+
+    height, width = size
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 1, height, width, generator=gen).to(device),
+             "landmarks": (torch.rand(2, 19, 2, generator=gen) * torch.tensor([width - 1.0, height - 1.0])).to(device)}
+    torch.manual_seed(0)
+    model = CoorDetector(base_channels=base, num_landmarks=19).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    cuda_graphs.set_capturable(optimizer, graphed)
+    scheduler = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=1e-4, max_lr=1e-3, step_size_up=1000,
+                                                  cycle_momentum=False)
+    run = SimpleNamespace(args=SimpleNamespace(amp="bf16", compile=compile_model), device=device, model=model,
+                          train_model=torch.compile(model) if compile_model else model, optimizer=optimizer,
+                          scheduler=scheduler, scaler=None, dist=SimpleNamespace(active=False),
+                          loss=lambda logits, landmarks: heatmap_loss("central", logits, landmarks, 3.0, 2.0))
+    step = cuda_graphs.GraphedStep(run, "on (benchmark)") if graphed else EagerStep(run)
+    return run, step, batch
+
+
+STEP_IMPLS = (  # (row, coorkern backend on CUDA, graphed, torch.compile)
+    ("eager reference ops", "reference", False, False), ("eager reference ops, graphed", "reference", True, False),
+    ("coorkern", "auto", False, False), ("coorkern, graphed", "auto", True, False),
+    ("coorkern, all Triton", "triton", False, False), ("coorkern, all Triton, graphed", "triton", True, False),
+    ("torch.compile + coorkern", "auto", False, True),
+)
+
+
 def train_step_benchmark(reps: int, device: str = "cuda", size: tuple[int, int] = (512, 416), base: int = 64) -> None:
     """Stage 5 (run in a subprocess): prints a markdown table of the detector's training step.
 
-    ``device``/``size``/``base`` other than the defaults only serve dry runs of this code
-    on a CPU (``--stage train-step --device cpu --size 64 64 --base 4``).
+    The trainer's own step (``coorkern.engine``: forward under bf16 autocast, the central loss,
+    backward, Adam, the cyclic schedule, the loss kept on the device), op by op and replayed
+    from a CUDA graph (``--cuda-graphs``), with the eager reference ops, coorkern (``auto``:
+    Triton loss, grid_sample + SDPA attention on CUDA) and coorkern's Triton kernels forced.
+    ``device``/``size``/``base`` other than the defaults only serve dry runs of this code on a
+    CPU (``--stage train-step --device cpu --size 64 64 --base 4``: no graphed rows there).
     """
     import torch
 
@@ -170,46 +229,162 @@ def train_step_benchmark(reps: int, device: str = "cuda", size: tuple[int, int] 
     import _common
 
     import coorkern
-    from coorkern.models import CoorDetector
+    from coorkern.engine.step import LossLog
 
     device = torch.device(device)
     height, width = size
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 1, height, width, generator=gen).to(device)
-    landmarks = (torch.rand(2, 19, 2, generator=gen) * torch.tensor([width - 1.0, height - 1.0])).to(device)
     print(f"device: {_common.device_name(device)}; CoorDetector base {base}, batch 2, {height}x{width}, "
-          "bf16 autocast, AdamW", flush=True)
+          "bf16 autocast, Adam + cyclic schedule (the trainer's step)", flush=True)
     _common.start_table(["impl", "step ms", "peak MiB", "peak extra MiB", "vs eager reference ops"])
     rows, times = [], {}
     # Rows print as measured (a cut-off stage keeps them); the eager reference comes first so
-    # that every row can carry its ratio.  "coorkern" is auto (Triton loss, grid_sample + SDPA attention on CUDA); "coorkern, all
-    # Triton" forces the attention kernels too (what "coorkern" was in the first H200 run).
-    for impl in ("eager reference ops", "coorkern", "coorkern, all Triton", "torch.compile + coorkern"):
-        torch.manual_seed(0)
-        model = CoorDetector(base_channels=base, num_landmarks=19).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        forward = torch.compile(model) if impl.startswith("torch.compile") else model
-        all_triton = "triton" if device.type == "cuda" else "auto"  # CPU: dry runs of this code only
-        backend = {"eager reference ops": "reference", "coorkern, all Triton": all_triton}.get(impl, "auto")
+    # that every row can carry its ratio.
+    def timed(backend, graphed, compiled):
+        _, train_step, batch = _bench_run(device, size, base, compiled, graphed)
+        log = LossLog(device)
 
         def step():
-            optimizer.zero_grad(set_to_none=True)
-            with coorkern.backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = coorkern.central_loss_from_landmarks(forward(images), landmarks, sigma=3.0)
-            loss.backward()
-            optimizer.step()
+            with coorkern.backend(backend):
+                train_step(batch, log)
+            if log.due:
+                log.read()
 
-        step()  # compile / autotune
+        step()  # compile / autotune / capture
         _common.sync(device)
         seconds, extra = _common.measure(step, device, warmup=2, reps=reps)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        return seconds, extra, peak  # the run's memory goes with this frame
+
+    for impl, backend, graphed, compiled in STEP_IMPLS:
+        if graphed and device.type != "cuda":
+            continue  # CPU: dry runs of this code only
+        backend = backend if device.type == "cuda" or backend != "triton" else "auto"
+        seconds, extra, peak = timed(backend, graphed, compiled)
         times[impl] = seconds
         _common.add_row(rows, [impl, f"{seconds * 1e3:.1f}", f"{peak:.0f}", f"{extra:.0f}",
                                f"{times['eager reference ops'] / seconds:.2f}x"])
-        del model, optimizer, forward
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+
+
+# ----------------------------------------------------------------------------- traces
+
+
+TRACE_CASES = {  # slug: what it traces
+    "central-loss": "central loss fwd+bwd",
+    "attention": "coor_attention fwd+bwd, Triton kernels",
+    "detector-step": "detector training step, coorkern",
+    "detector-step-graphed": "detector training step, coorkern, graphed",
+}
+
+
+def default_trace_dir() -> str:
+    """``$OUT/traces`` where the device tool runs this (its files come back), else a temporary folder."""
+    if os.environ.get("OUT"):
+        return os.path.join(os.environ["OUT"], "traces")
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "coorkern-gpu-check-traces")
+
+
+def _trace_case_step(case: str, device, size: tuple[int, int], base: int):
+    """``(step, label)``: one call of ``step`` is what the case traces."""
+    import torch
+
+    import coorkern
+
+    triton = "triton" if device.type == "cuda" else "auto"  # CPU dry runs: the C++ kernels
+    gen = torch.Generator().manual_seed(0)
+    if case == "central-loss":
+        height, width = (512, 416) if device.type == "cuda" else size
+        logits = torch.randn(8, 19, height, width, generator=gen).to(device).requires_grad_(True)
+        landmarks = (torch.rand(8, 19, 2, generator=gen) * (min(height, width) - 1)).to(device)
+
+        def step():
+            logits.grad = None
+            coorkern.central_loss_from_landmarks(logits, landmarks, sigma=3.0).backward()
+
+        return step, f"{TRACE_CASES[case]}, 8x19x{height}x{width} fp32"
+    if case == "attention":
+        import attention as attention_bench
+
+        dtype, n = (torch.bfloat16, 3328) if device.type == "cuda" else (torch.float32, 256)
+        q, k, v, coords = attention_bench.make_inputs(4, 32, n, dtype, "qk", device)
+
+        def step():
+            with coorkern.backend(triton):
+                torch.autograd.grad(coorkern.coor_attention(q, k, v, coords, sample="qk").sum(), (q, k, v, coords))
+
+        kernels = "" if device.type == "cuda" else " (C++ kernels on a CPU: dry run)"
+        return step, f"{TRACE_CASES[case]}{kernels}, B={attention_bench.BATCH} 4x32x{n} {str(dtype)[6:]}"
+    from coorkern.engine.step import LossLog
+
+    graphed = case == "detector-step-graphed"
+    _, train_step, batch = _bench_run(device, size, base, graphed=graphed)
+    log = LossLog(device)
+
+    def step():
+        train_step(batch, log)
+        if log.due:
+            log.read()
+
+    return step, f"{TRACE_CASES[case]}, base {base}, 2x1x{size[0]}x{size[1]} bf16"
+
+
+def trace_case(case: str, reps: int, device: str, trace_dir: str, size: tuple[int, int], base: int) -> None:
+    """One case of the trace stage, in its own process: wall-clock time first, then one step under
+    torch.profiler (CPU + CUDA, Python stacks), its chrome trace gzipped into ``trace_dir`` and
+    reduced (``bench/profile_trace.py``) to markdown, printed and written next to it."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
+    import _common
+    import profile_trace
+
+    device = torch.device(device)
+    step, label = _trace_case_step(case, device, size, base)
+    step()  # compile / autotune / capture
+    seconds, _ = _common.measure(step, device, warmup=2, reps=reps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, with_stack=True) as prof:
+        with record_function("step"):
+            step()
+        _common.sync(device)
+    os.makedirs(trace_dir, exist_ok=True)
+    raw = os.path.join(trace_dir, f"trace_{case}.json")
+    prof.export_chrome_trace(raw)
+    summary = profile_trace.reduce_trace(profile_trace.load_events(raw))
+    with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(raw)
+    text = profile_trace.markdown(label, summary, seconds * 1e3)
+    print(f"device: {_common.device_name(device)}; trace {raw}.gz\n\n{text}\n", flush=True)
+    with open(os.path.join(trace_dir, f"trace_{case}.md"), "w") as f:
+        f.write(f"{label}: `{os.path.basename(raw)}.gz` on {_common.device_name(device)}\n\n{text}\n")
+
+
+def trace_stage(reps: int, device: str, trace_dir: str, size: tuple[int, int], base: int,
+                seconds_per_case: float = 120.0) -> int:
+    """The trace stage: every case of :data:`TRACE_CASES` in a fresh process (no state, caches or
+    allocator pools carried from one to the next); returns the number of cases that failed."""
+    failed = 0
+    cases = [c for c in TRACE_CASES if device == "cuda" or not c.endswith("graphed")]
+    for case in cases:
+        cmd = [sys.executable, os.path.abspath(__file__), "--stage", "trace-case", "--case", case, "--reps",
+               str(reps), "--device", device, "--trace-dir", trace_dir, "--size", *map(str, size), "--base", str(base)]
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, timeout=seconds_per_case)
+            failed += done.returncode != 0
+        except subprocess.TimeoutExpired:
+            print(f"stopped at trace {case}: {seconds_per_case:.0f} s", flush=True)
+            failed += 1
+    return failed
 
 
 # ----------------------------------------------------------------------------- host profile
@@ -287,13 +462,15 @@ def check_targets(results: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for every target the measured tables allow to judge."""
     checks = []
 
-    def add(name, values, better_if_higher=True):
+    def add(name, values):
         values = [v for v in values if v == v]
         if not values:
             checks.append((name, "not measured", "-"))
             return
-        worst = min(values) if better_if_higher else max(values)
-        checks.append((name, f"{worst:.2f} (worst of {len(values)})", "met" if worst >= TARGETS[name] else "NOT met"))
+        higher = name not in LOWER_IS_BETTER
+        worst = min(values) if higher else max(values)
+        met = worst >= TARGETS[name] if higher else worst <= TARGETS[name]
+        checks.append((name, f"{worst:.2f} (worst of {len(values)})", "met" if met else "NOT met"))
 
     bandwidth = results.get("copy_gbps") or float("nan")
     loss_rows = [r for t in results.get("central_loss_tables", []) for r in table_rows(t) if r.get("impl") == "coorkern"]
@@ -309,8 +486,22 @@ def check_targets(results: dict) -> list[tuple[str, str, str]]:
     add("attention bf16 d=64 N=16384 forward >= 250 TFLOP/s", [number(r.get("fwd TFLOP/s")) for r in att_rows])
     add("attention bf16 d=64 N=16384 backward >= 150 TFLOP/s", [number(r.get("bwd TFLOP/s")) for r in att_rows])
     add("attention bf16 d=64 N=16384 fwd+bwd >= 1.0x grid+sdpa", [number(r.get("vs grid+sdpa")) for r in att_rows])
-    step_rows = [r for t in results.get("train_step_tables", []) for r in table_rows(t) if r.get("impl") == "coorkern"]
+    all_step_rows = [r for t in results.get("train_step_tables", []) for r in table_rows(t)]
+    step_rows = [r for r in all_step_rows if r.get("impl") == "coorkern"]
     add("training step >= 1.5x eager reference ops", [number(r.get("vs eager reference ops")) for r in step_rows])
+    graphed = [r for r in all_step_rows if r.get("impl") == "coorkern, graphed"]
+    add("graphed detector step >= 4x eager reference ops", [number(r.get("vs eager reference ops")) for r in graphed])
+
+    def step_ms(impl):
+        return [number(r.get("step ms")) for r in all_step_rows if r.get("impl") == impl]
+
+    add("coorkern graphed >= 1.2x reference ops graphed",
+        [a / b for a, b in zip(step_ms("eager reference ops, graphed"), step_ms("coorkern, graphed"))])
+    add("Triton attention >= 1.0x grid_sample+SDPA in the graphed step",
+        [a / b for a, b in zip(step_ms("coorkern, graphed"), step_ms("coorkern, all Triton, graphed"))])
+    add("central loss fwd+bwd 8x19x512x416 <= 0.35 ms", [number(r.get("fwd+bwd ms")) for r in loss_rows
+                                                         if r.get("shape") == "8x19x512x416"
+                                                         and r.get("variant", "landmarks") == "landmarks"])
     return checks
 
 
@@ -326,10 +517,11 @@ def results_markdown(results: dict) -> str:
         lines.append(f"* stopped at: {results['stopped_at']}")
     for title, key in (("Central loss, forward + backward", "central_loss_tables"),
                        ("Coordinate attention", "attention_tables"),
-                       ("Detector training step", "train_step_tables")):
+                       ("Detector training step", "train_step_tables"),
+                       ("Profiler traces (bench/profile_trace.py)", "trace_tables")):
         for table in results.get(key, []):
             lines += ["", f"### {title}", "", table]
-    lines += ["", "### Targets (issue 13)", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += ["", "### Targets (issues 13, 26)", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in results["targets"]]
     lines.append(MARK_END)
     return "\n".join(lines) + "\n"
@@ -378,7 +570,7 @@ def stage_env() -> dict:
     return env
 
 
-def stage_commands(py: str, reps: str, base_env: dict) -> list[tuple[str, list[str], dict]]:
+def stage_commands(py: str, reps: str, base_env: dict, trace_dir: str = "") -> list[tuple[str, list[str], dict]]:
     """(name, command, environment) of every stage, in the order they run."""
     # One line per test (a stage cut off still shows where), a per-test time limit where
     # pytest-timeout is installed (one slow test fails instead of eating the stage), and
@@ -402,6 +594,8 @@ def stage_commands(py: str, reps: str, base_env: dict) -> list[tuple[str, list[s
                               f"{py} -m pytest python_tests/cuda/test_cuda_cpp_aot.py -v -rs -p no:cacheprovider"],
          dict(base_env, COORKERN_TEST_DEVICE="cuda")),
         ("training-step benchmark", [py, "bench/gpu_check.py", "--stage", "train-step", "--reps", reps], base_env),
+        ("traces", [py, "bench/gpu_check.py", "--stage", "trace", "--reps", reps, "--trace-dir", trace_dir],
+         base_env),
         ("central loss benchmark", [py, "bench/central_loss.py", "--shapes", *CENTRAL_LOSS_SHAPES,
                                     "--dtypes", "fp32", "bf16", "--reps", reps], base_env),
         ("attention benchmark, bf16", [*attention, *ATTENTION_SIZES_BF16, "--dtypes", "bf16"], base_env),
@@ -415,8 +609,13 @@ def main(argv=None) -> int:
                         help="time box for everything (minutes)")
     parser.add_argument("--json", default=os.path.join(HERE, "gpu_check.json"), help="where to write the results")
     parser.add_argument("--no-results-md", action="store_true", help="do not rewrite the GPU section of RESULTS.md")
-    parser.add_argument("--stage", choices=["train-step", "host-profile"], help=argparse.SUPPRESS)  # subprocess entry
-    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # train-step dry runs only
+    parser.add_argument("--stage", choices=["train-step", "host-profile", "trace", "trace-case"],
+                        help=argparse.SUPPRESS)  # subprocess entries (trace --device cpu: its dry run)
+    parser.add_argument("--case", choices=list(TRACE_CASES), help=argparse.SUPPRESS)  # trace-case
+    parser.add_argument("--trace-dir", default=None,
+                        help="where the traces' raw chrome traces (gzipped) and tables go (default: $OUT/traces when "
+                             "$OUT is set, else a temporary folder)")
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # dry runs only
     parser.add_argument("--size", type=int, nargs=2, default=(512, 416), help=argparse.SUPPRESS)
     parser.add_argument("--base", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per benchmark case")
@@ -430,6 +629,12 @@ def main(argv=None) -> int:
     if args.stage == "host-profile":
         host_profile(args.reps, args.device)
         return 0
+    trace_dir = os.path.abspath(args.trace_dir or default_trace_dir())
+    if args.stage == "trace-case":
+        trace_case(args.case, args.reps, args.device, trace_dir, tuple(args.size), args.base)
+        return 0
+    if args.stage == "trace":
+        return 1 if trace_stage(args.reps, args.device, trace_dir, tuple(args.size), args.base) else 0
 
     import torch
     import triton
@@ -444,7 +649,7 @@ def main(argv=None) -> int:
         "device": device, "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
         "device_count": torch.cuda.device_count(), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "budget_s": budget, "stages": [], "stopped_at": None,
+        "budget_s": budget, "stages": [], "stopped_at": None, "trace_dir": trace_dir,
     }
     results["copy_gbps"] = copy_bandwidth_gbps()
     print(f"device: {device} (sm_{results['capability'].replace('.', '')}, {results['device_count']} visible)")
@@ -453,7 +658,8 @@ def main(argv=None) -> int:
 
     base_env = stage_env()
     py, reps = sys.executable, str(args.reps)
-    stages = [(name, cmd, env) for name, cmd, env in stage_commands(py, reps, base_env) if name in args.stages]
+    stages = [(name, cmd, env) for name, cmd, env in stage_commands(py, reps, base_env, trace_dir)
+              if name in args.stages]
     for name, cmd, env_for_stage in stages:
         left = budget - (time.monotonic() - start)
         if left < 10:
@@ -470,7 +676,7 @@ def main(argv=None) -> int:
             summary = [line for line in stage["output"].splitlines() if re.search(r"\d+ (passed|failed|skipped)", line)]
             stage["summary"] = summary[-1].strip("= ") if summary else ""
         elif tables and name in TABLE_KEYS:
-            results.setdefault(TABLE_KEYS[name], []).extend(tables[-1:])
+            results.setdefault(TABLE_KEYS[name], []).extend(tables if name in ALL_TABLES else tables[-1:])
         results["stages"].append(stage)
 
     results["elapsed_s"] = time.monotonic() - start

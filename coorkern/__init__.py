@@ -12,11 +12,12 @@ Public API:
 * :mod:`coorkern.reference` -- eager PyTorch oracles for every op;
 * :func:`cmake_prefix_path` -- for ``find_package(coorkern)`` in C++ projects.
 
-Submodules: :mod:`coorkern.models` (the detector), :mod:`coorkern.export` (ONNX),
-:mod:`coorkern.data`, :mod:`coorkern.metrics`, :mod:`coorkern.conformal` (uncertainty
-radii), :mod:`coorkern.plots`, :mod:`coorkern.profiles` (training profiles), and the
-commands of the ``coorkern`` console script (:mod:`coorkern.cli`): ``train``, ``evaluate``,
-``predict``, ``export``, ``info``; ``python -m coorkern.experiments`` runs the paper's studies.
+Rooms (docs/architecture.md): :mod:`coorkern.ops` (the two ops: kernels, launch, ahead-of-time
+variants, registration), :mod:`coorkern.models` (the detector), :mod:`coorkern.data` (datasets),
+:mod:`coorkern.engine` (training loop, inference, checkpoints, run folders, profiles), the
+metrics (:mod:`coorkern.metrics`, :mod:`coorkern.conformal`), and the commands of the
+``coorkern`` console script (:mod:`coorkern.cli`): ``train``, ``evaluate``, ``predict``,
+``export``, ``experiments``, ``info``.
 
 Ops are also registered as ``torch.ops.coorkern.*`` for ``torch.compile`` and C++.
 """

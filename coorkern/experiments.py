@@ -6,7 +6,13 @@ Studies (the paper's tables and figures):
   U-Net without transformer (Table II, Fig. 5);
 * ``r`` -- the central loss with r = 0, 1, 2, 3 (Table III, Fig. 7);
 * ``transformer`` -- none, vanilla, swin, deformable and coor attention, all with the
-  central loss (Table IV, Fig. 9).
+  central loss (Table IV, Fig. 9); with ``--variants``, also the readings of the
+  coordinate module: ``coor+linear``, ``coor+fourier`` (``--position``),
+  ``coor+absolute`` (``--coord-mode absolute``), ``coor+range8`` (``--offset-range 8``),
+  ``coor+init0.1`` (``--offset-init-std 0.1``), ``coor+lr10`` (``--coord-lr-mult 10``),
+  ``coor+queries`` (``--coord-source queries``), ``coor+perhead`` (``--coord-groups 8``),
+  ``deformable+linear`` and ``vanilla+sincos`` (``--vanilla-position sincos``).  Any other
+  reading goes to every run through ``--train-args "--offset-range 2"``.
 
 Every run is an ordinary ``python -m coorkern.train`` process with its own folder
 ``OUT/runs/<variant>/seed<k>`` (``--jobs`` at a time, the CPU threads split between
@@ -21,10 +27,13 @@ training images/s per run, paired t-tests (``scipy.stats.ttest_rel``) of the per
 MRE (averaged over seeds) against the paper's choice, and PNGs: box plots of the
 per-image MRE per variant and validation-loss curves per epoch.
 
-``--data isbi2015`` uses the 150 training images of the challenge split 100 train
-(ids 001-100) / 50 held out (101-150) -- the 250 test images are not needed -- unless
-``--isbi-protocol paper`` (train on 1-150, evaluate on 151-400).  The planning, running
-and reporting is :mod:`coorkern.engine.studies`.
+``--data isbi2015`` uses the 150 training images of the challenge: train on ids 001-085,
+select the checkpoint (and calibrate the radii) on 086-100, report 101-150 -- the 250 test
+images are not needed -- unless ``--isbi-protocol paper`` (train on 1-150 less the
+validation part ``coorkern train`` carves from it, 136-150; evaluate on 151-400).
+``--data spine`` uses the spine's development holdout: ``holdout_train`` / ``holdout_val``
+/ ``holdout_test`` (361 / 40 / 80 images, case-disjoint), and the report adds the Cobb
+angles' SMAPE.  The planning, running and reporting is :mod:`coorkern.engine.studies`.
 """
 
 from __future__ import annotations
@@ -40,8 +49,8 @@ from . import data as data_mod
 from .engine.cli_args import HelpFormatter, description, positive_int, prog
 from .engine.config import add_config_option, parse_with_config, plain_options, write_config
 from .engine.profiles import PROFILE_CHOICES
-from .engine.studies import (STUDIES, check_same_options, common_train_args, plan_runs, run_all, selected_variants,
-                             studies_of, write_report)
+from .engine.studies import (READING_VARIANTS, STUDIES, check_same_options, common_train_args, plan_runs, run_all,
+                             selected_variants, studies_of, write_report)
 
 __all__ = ["build_parser", "main"]
 
@@ -77,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, help="override the profile's epochs")
     p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), help="override the input size")
     p.add_argument("--variants", help="comma-separated subset, e.g. bce,central or coor,swin "
-                                      f"(names: {', '.join(v for s in STUDIES.values() for v in s['variants'])})")
+                                      f"(names: {', '.join(v for s in STUDIES.values() for v in s['variants'])}; "
+                                      f"transformer study extras: {', '.join(READING_VARIANTS)})")
     p.add_argument("--isbi-protocol", default="holdout", choices=("holdout", "paper"),
-                   help="isbi2015: holdout = images 1-100 train / 101-150 held out; paper = 1-150 / 151-400")
+                   help="isbi2015: holdout = images 1-85 train / 86-100 validation / 101-150 held out; "
+                        "paper = 1-150 (136-150 validation) / 151-400")
     p.add_argument("--train-args", default="", help="extra options for every training run, e.g. "
-                                                    "\"--base-channels 16 --amp bf16\"")
+                                                    "\"--base-channels 16 --amp bf16\" or \"--position linear\"")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs")
     return p
 

@@ -10,7 +10,11 @@ training images shared, e.g. 0.1 mm for ISBI 2015), the heatmap peak probability
 confidence, and the radius within which the true landmark lies with the checkpoint's
 coverage (split-conformal, calibrated on the training run's validation split).  Writes ``<out>/predictions.json`` or ``.csv``
 (``--format``, also printed) and an overlay PNG per image with the radius circles.
-Unreadable inputs are reported and skipped; the exit code is then 1.
+Unreadable inputs are reported and skipped; the exit code is then 1.  A spine model adds
+each image's three Cobb angles (degrees, main curve first; from the predicted corners in the
+image's own pixels): ``cobb_angles`` ``{"main", "second", "third"}`` in the JSON entry, the
+columns ``cobb_main, cobb_second, cobb_third`` on each of the image's CSV rows; its overlay
+draws the vertebrae as quadrilaterals, the two mid-lines of the main angle and its value.
 The predicting is :mod:`coorkern.engine.predictor`.
 """
 

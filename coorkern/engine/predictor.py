@@ -5,7 +5,9 @@ to each image's own pixels; :class:`Predictor` turns a checkpoint's predictions 
 per-image entries (pixels, millimetres where a spacing is known, confidence, conformal
 radius) and overlay PNGs; :func:`predict_files` reads and predicts files in batches,
 skipping unreadable ones; :func:`expand_inputs` turns files, folders and glob patterns
-into the files to read.
+into the files to read.  A spine model's entries also carry the three Cobb angles of the
+predicted corners (``cobb_angles``, in the image's own pixels), and its overlays draw the
+vertebrae and the main angle.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ from tqdm import tqdm
 from .. import conformal, metrics
 from .. import data as data_mod
 from .checkpoints import model_from_checkpoint
+from .cobb import ANGLE_NAMES, angle_fields, main_curve
 from .files import atomic_write_bytes, write_json
 from .inference import autocast
 from .overlays import save_overlay
 
 __all__ = ["predict_image", "predict_batch", "expand_inputs", "Predictor", "predict_files", "to_csv",
-           "write_predictions", "KNOWN_SPACING", "CSV_FIELDS"]
+           "write_predictions", "KNOWN_SPACING", "CSV_FIELDS", "COBB_CSV_FIELDS"]
 
 KNOWN_SPACING = {"isbi2015": 0.1}  # mm per original pixel, when the model was trained on that data set
 IMAGE_SUFFIXES = data_mod.IMAGE_EXTENSIONS  # the files a folder or pattern contributes
 CSV_FIELDS = ("image", "landmark", "x", "y", "x_mm", "y_mm", "confidence", "radius_px", "radius_mm", "coverage")
+# Spine models: the image's Cobb angles (degrees), repeated on each of its rows so the file stays one table.
+COBB_CSV_FIELDS = tuple(f"cobb_{name}" for name in ANGLE_NAMES)
 
 
 def _is_image_file(path: Path) -> bool:
@@ -132,6 +137,7 @@ class Predictor:
         self.device, self.amp = device, amp
         self.overlay_dir = None if overlay_dir is None else Path(overlay_dir)
         self.given = None if spacing is None else (list(spacing) * 2)[:2]
+        self.spine = self.cfg["data"] == "spine"
 
     def _spacing(self, file_spacing, coords):
         """First known wins: the given spacing, a data set's measured convention (hand), the file's header,
@@ -172,12 +178,17 @@ class Predictor:
                 entry["radius_mm"] = [_round(float(r) * max(ow / w * spacing[0], oh / h * spacing[1]), 4)
                                       for r in radius]
         entry["landmarks"] = _records(entry)
+        curve = None
+        if self.spine:  # in the image's own pixels and height, as the challenge measures them
+            entry["cobb_angles"] = angle_fields(metrics.cobb_angles(coords.double(), oh))
+            pair, main = main_curve(coords), entry["cobb_angles"]["main"]
+            curve = None if pair is None or main is None else (pair[0], pair[1], main)
         if self.overlay_dir is not None:
             scale = max(1, 512 // max(oh, ow))
             radius_px = None if radius is None else torch.tensor(
                 [math.inf if r is None else r for r in entry["radius_px"]])
             path = save_overlay(self.overlay_dir / f"{Path(name).stem}_landmarks.png", image, pred=coords,
-                                scale=scale, radii=radius_px)
+                                scale=scale, radii=radius_px, vertebrae=self.spine, cobb=curve)
             entry["overlay"] = str(path)
         return entry
 
@@ -200,12 +211,17 @@ def _records(entry: dict) -> list:
 
 
 def to_csv(results: list) -> str:
+    """One row per image and landmark (:data:`CSV_FIELDS`); with spine entries, the image's Cobb angles in
+    the columns :data:`COBB_CSV_FIELDS` of each of its rows."""
+    spine = any("cobb_angles" in entry for entry in results)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, restval="", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS + (COBB_CSV_FIELDS if spine else ()), restval="",
+                            lineterminator="\n")
     writer.writeheader()
     for entry in results:
+        angles = {f"cobb_{k}": v for k, v in entry.get("cobb_angles", {}).items()}
         for record in entry["landmarks"]:
-            writer.writerow({"image": entry["image"], **record})
+            writer.writerow({"image": entry["image"], **record, **angles})
     return buffer.getvalue()
 
 

@@ -9,6 +9,20 @@ two studies share are trained once), :func:`run_all` trains the unfinished ones 
 ``report.md``/``report.json`` with mean +- std over seeds, paired t-tests against the
 study's reference variant, box plots and validation-loss curves.  ``coorkern
 experiments`` is the command over it.
+
+Besides the paper's variants, the transformer study has extra ones that only run when
+``--variants`` names them (:data:`READING_VARIANTS`): the coordinate attention with one
+reading of the coordinate module changed (``coor+linear``, ``coor+range8``, ...) and
+``vanilla+sincos`` (docs/design/detector.md explains the readings).
+
+Splits, fixed and listed (checkpoint selection never on the reported images):
+
+* ISBI 2015, holdout protocol (:data:`ISBI_HOLDOUT`): the challenge's 150 training images,
+  train 001-085, validation 086-100 (best epoch, conformal radii), test 101-150;
+* spine: the development holdout of the 481 training images, ``holdout_train`` (361) /
+  ``holdout_val`` (40) / ``holdout_test`` (80), case-disjoint
+  (:data:`coorkern.data.SPINE_HOLDOUT_ROWS`);
+* other data: ``coorkern train``'s default splits (:mod:`coorkern.engine.splits`).
 """
 
 from __future__ import annotations
@@ -33,9 +47,10 @@ from .checkpoints import load_checkpoint
 from .files import atomic_write_bytes, write_json
 from .inference import evaluate_checkpoint, evaluation_data, resolve_device
 from .profiles import PROFILES
+from .trainer import READING_OPTIONS
 
-__all__ = ["STUDIES", "StudyRun", "run_name", "studies_of", "selected_variants", "plan_runs", "train_command",
-           "common_train_args", "check_same_options", "run_all", "summarize", "format_p", "format_mean_std",
+__all__ = ["STUDIES", "READING_VARIANTS", "ISBI_HOLDOUT", "StudyRun", "run_name", "studies_of", "selected_variants",
+           "plan_runs", "train_command", "common_train_args", "check_same_options", "run_all", "summarize", "format_p", "format_mean_std",
            "study_table", "plot_study", "write_report"]
 
 # The folder that holds the coorkern package: the training subprocesses import this checkout's coorkern.
@@ -64,7 +79,29 @@ STUDIES = {
                      for t in ("none", "vanilla", "swin", "deformable", "coor")},
     },
 }
-ISBI_HOLDOUT = {"train": list(range(1, 101)), "test": list(range(101, 151))}
+
+def _reading(kind: str, **options) -> dict:
+    return dict(transformer=kind, loss="central", r=2.0, **options)
+
+
+# Extra variants of the transformer study: one reading of the coordinate module (or the vanilla
+# kind's position encoding) changed; the options of ``coorkern train`` of the same names.
+READING_VARIANTS = {
+    "coor+linear": _reading("coor", position="linear"),
+    "coor+fourier": _reading("coor", position="fourier"),
+    "coor+absolute": _reading("coor", coord_mode="absolute"),
+    "coor+range8": _reading("coor", offset_range=8.0),
+    "coor+init0.1": _reading("coor", offset_init_std=0.1),
+    "coor+lr10": _reading("coor", coord_lr_mult=10.0),
+    "coor+queries": _reading("coor", coord_source="queries"),
+    "coor+perhead": _reading("coor", coord_groups=8),
+    "deformable+linear": _reading("deformable", position="linear"),
+    "vanilla+sincos": _reading("vanilla", vanilla_position="sincos"),
+}
+STUDIES["transformer"]["extra_variants"] = READING_VARIANTS
+# ISBI 2015 holdout protocol: image ids of each part (validation: best epoch and conformal radii).
+ISBI_HOLDOUT = {"train": list(range(1, 86)), "val": list(range(86, 101)), "test": list(range(101, 151))}
+SPINE_HOLDOUT = ("holdout_train", "holdout_val", "holdout_test")
 
 
 @dataclass
@@ -85,9 +122,15 @@ class StudyRun:
         return (self.folder / "checkpoint_last.pt").is_file()
 
 
+def _option_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def run_name(settings: dict) -> str:
+    """The folder name of a variant's runs, e.g. ``coor-central-r2`` or ``coor-central-r2+position-linear``."""
     name = f"{settings['transformer']}-{settings['loss']}"
-    return name + (f"-r{settings['r']:g}" if settings["loss"] == "central" else "")
+    name += f"-r{settings['r']:g}" if settings["loss"] == "central" else ""
+    return name + "".join(f"+{key}-{_option_text(settings[key])}" for key in READING_OPTIONS if key in settings)
 
 
 # ---------------------------------------------------------------------------
@@ -99,10 +142,12 @@ def studies_of(study: str) -> list:
 
 
 def selected_variants(study_names: Sequence[str], subset: Optional[str]) -> dict:
-    """``{study: {variant: settings}}``; ValueError naming the unknown variants."""
+    """``{study: {variant: settings}}``: every paper variant of the studies, or the ``subset`` named (which may
+    name extra variants, :data:`READING_VARIANTS`); ValueError naming the unknown variants."""
     chosen = {s: dict(STUDIES[s]["variants"]) for s in study_names}
     if subset:
         wanted = [v.strip() for v in subset.split(",") if v.strip()]
+        chosen = {s: {**vs, **STUDIES[s].get("extra_variants", {})} for s, vs in chosen.items()}
         known = {v for s in chosen.values() for v in s}
         unknown = [v for v in wanted if v not in known]
         if unknown or not wanted:
@@ -131,6 +176,9 @@ def train_command(run: StudyRun, common: Sequence[str], threads: int) -> list:
         return [sys.executable, "-m", "coorkern.train", "--resume", str(run.folder / "checkpoint_last.pt"), *runtime]
     s = run.settings
     variant = ["--transformer", s["transformer"], "--loss", s["loss"]] + (["--r", f"{s['r']:g}"] if "r" in s else [])
+    for key in READING_OPTIONS:
+        if key in s:
+            variant += ["--" + key.replace("_", "-"), _option_text(s[key])]
     return [sys.executable, "-m", "coorkern.train", *common, *variant, "--seed", str(run.seed),
             "--out", str(run.folder), "--overlays", "0", *runtime]
 
@@ -178,6 +226,13 @@ def common_train_args(args) -> list:
         size = args.image_size or _profile_size(args.profile, "isbi2015")
         if size:
             common += ["--image-size", *map(str, size)]
+        common += ["--val-split", "val"]
+    elif args.data == "spine":
+        train, val, test = SPINE_HOLDOUT
+        common += ["--data", "spine", "--root", args.root, "--train-split", train, "--val-split", val,
+                   "--test-split", test]
+        if args.image_size:
+            common += ["--image-size", *map(str, args.image_size)]
     else:
         common += ["--data", args.data] + (["--root", args.root] if args.root else [])
         if args.image_size:
@@ -199,7 +254,8 @@ def _profile_size(profile: str, data: str) -> Optional[list]:
 
 
 def _isbi_holdout_table(root, out: Path) -> Path:
-    """A CSV of the ISBI 2015 training images 1-150 with a split column (1-100 train, 101-150 test).
+    """A CSV of the ISBI 2015 training images 1-150 with a split column (:data:`ISBI_HOLDOUT`: 1-85 train,
+    86-100 val, 101-150 test).
 
     The annotations come from the isbi2015 loader (the paper's mean of both doctors when
     both are present); the images stay where they are (absolute paths).
@@ -274,6 +330,7 @@ def _run_summary(run: StudyRun) -> Optional[dict]:
         "sdr": overall["sdr"],
         "unit": evaluation["metrics"]["unit"],
         "thresholds": evaluation["metrics"]["thresholds"],
+        "smape": (evaluation.get("cobb") or {}).get("smape"),  # spine: Cobb-angle SMAPE (%)
         "per_image_mre": per_image,
         "val_loss": [row.get("val_loss") for row in history],
         "epochs": len(history),
@@ -326,6 +383,7 @@ def summarize(variants: dict, runs: list) -> dict:
                 "thresholds": thresholds,
                 "mre": _mean_std([d["mre"] for d in done.values()]),
                 "sdr": {t: _mean_std([d["sdr"][t] for d in done.values()]) for t in next(iter(done.values()))["sdr"]},
+                "smape": _mean_std([d.get("smape") for d in done.values()]),
                 "wall_s": _mean_std([d["wall_s"] for d in done.values()]),
                 "images_per_s": _mean_std([d["images_per_s"] for d in done.values()]),
                 "per_image_mre": per_image,
@@ -370,13 +428,16 @@ def study_table(study: dict) -> str:
         return "_no finished runs yet_\n"
     unit, thresholds = rows[0][1]["unit"], rows[0][1]["thresholds"]
     sdr_keys = list(rows[0][1]["sdr"])
+    smape = any((r.get("smape") or {}).get("mean") is not None for _, r in rows)
     head = (["variant", "seeds", f"MRE ({unit})"] + [f"SDR {t:g} {unit} (%)" for t in thresholds]
+            + (["Cobb SMAPE (%)"] if smape else [])
             + [f"p vs {study['reference']}", "wall time / run (min)", "train img/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, r in rows:
         cells = [variant + (" (ref.)" if variant == study["reference"] else ""), str(len(r["seeds"])),
                  format_mean_std(r["mre"])]
         cells += [format_mean_std(r["sdr"][k]) for k in sdr_keys]
+        cells += [format_mean_std(r.get("smape") or {})] if smape else []
         cells += ["—" if variant == study["reference"] else format_p(r["p_value"]),
                   format_mean_std(r["wall_s"], 1 / 60, 1), format_mean_std(r["images_per_s"], 1.0, 1)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -453,7 +514,12 @@ def write_report(args, variants: dict, runs: list, common: Sequence[str]) -> dic
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     if args.data == "isbi2015" and args.isbi_protocol == "holdout":
-        protocol["split"] = {"train": "ISBI 2015 training images 001-100", "test": "101-150 (held out)"}
+        protocol["split"] = {"train": "ISBI 2015 training images 001-085",
+                             "val": "086-100 (best epoch, conformal radii)", "test": "101-150 (held out)"}
+    elif args.data == "spine":
+        protocol["split"] = {"train": "spine holdout_train (361 images)",
+                             "val": "holdout_val (40; best epoch, conformal radii)",
+                             "test": "holdout_test (80, held out)"}
     lines = [f"# coorkern experiments: {', '.join(report)}", ""]
     lines += [f"- {k}: {v}" for k, v in protocol.items()]
     lines += ["", "Held-out metrics of the checkpoint with the best validation score (the profile's `--select`); "

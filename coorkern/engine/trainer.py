@@ -35,24 +35,23 @@ from .. import data as data_mod
 from ..losses import heatmap_loss
 from . import profiles
 from .checkpoints import build_model, load_checkpoint, save_checkpoint, set_rng_state, update_checkpoint
+from .cobb import format_cobb
 from .config import plain_options, write_config
 from .files import atomic_write_bytes, write_json
 from .inference import autocast, device_or_error, evaluate_predictions, format_coverage, held_out_report, run_inference
 from .overlays import render_overlay
+from .splits import CARVED, SPLITS, carve_validation, default_splits, selection, spine_has_test
+from .step import LossLog, make_train_step
 from .tensorboard import TensorBoardLogger, require_tensorboard
 
 __all__ = ["Options", "Run", "setup_run", "train_one_epoch", "validate", "save_checkpoints", "calibrate_radii",
-           "final_report", "run_training", "RUN_LOCATION_OPTIONS", "SPLITS"]
+           "final_report", "run_training", "RUN_LOCATION_OPTIONS", "READING_OPTIONS", "SPLITS"]
 
 # Options that say where this invocation writes or continues, not what it trains: not in config.yaml.
 RUN_LOCATION_OPTIONS = ("out", "resume", "stop_after", "config")
-SPLITS = {  # (train, validation for model selection, final test) per dataset
-    "synthetic": ("train", "val", "test"),
-    "isbi2015": ("train", "test", "test"),
-    "hand": ("train", "test", "test"),
-    "chest": ("train", "test", "test"),
-    "csv": ("train", "test", "test"),
-}
+# The CoorDetector keyword options for the readings of the coordinate module (train.py's options of the same names).
+READING_OPTIONS = ("coord_mode", "coord_groups", "offset_range", "offset_init_std", "coord_lr_mult", "coord_source",
+                   "position", "vanilla_position")
 
 
 # ---------------------------------------------------------------------------
@@ -81,14 +80,12 @@ def _resolve(args, device: torch.device) -> None:
     """Fill the hardware- and dataset-dependent defaults in place."""
     defaults = profiles.SYNTHETIC_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     for key in ("base_channels", "epochs", "batch_size", "train_samples", "val_samples", "test_samples"):
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "epochs" and args.train_images):
             setattr(args, key, defaults[key])
     if args.image_size is None:
         size = defaults["image_size"] if args.data == "synthetic" else None
         args.image_size = list(size or data_mod.DEFAULT_IMAGE_SIZE[args.data])
-    train, val, test = SPLITS[args.data]
-    if args.data == "isbi2015" and args.protocol == "challenge":
-        val, test = "test1", "test2"
+    train, val, test = default_splits(args.data, args.root, args.protocol)
     args.train_split = args.train_split or train
     args.val_split = args.val_split or val
     args.test_split = args.test_split or test
@@ -129,10 +126,33 @@ def _dataset(args, split: str, augment: bool):
         raise ValueError(f"--data-option: {exc}") from None
 
 
+def _datasets(args) -> tuple:
+    """``(train, validation, test, rule)`` data sets of the run; ``rule`` says how a carved validation part was
+    taken (None for a named split)."""
+    train_ds = _dataset(args, args.train_split, args.augment)
+    rule = None
+    if args.val_split == CARVED:
+        train_ds, val_ds, rule = carve_validation(train_ds, args.val_fraction, args.data, args.root)
+    else:
+        val_ds = _dataset(args, args.val_split, False)
+    test_ds = val_ds if args.test_split == args.val_split else _dataset(args, args.test_split, False)
+    return train_ds, val_ds, test_ds, rule
+
+
+def _split_settings(args, train_ds, val_ds, test_ds, rule) -> dict:
+    """The run's splits for its config: names, image counts, the carved part's ids and what selects."""
+    val = {"split": args.val_split, "images": len(val_ds)}
+    if rule is not None:
+        val.update({"from": args.train_split, "rule": rule, "ids": [r.id for r in val_ds.records]})
+    return {"train": {"split": args.train_split, "images": len(train_ds)}, "val": val,
+            "test": {"split": args.test_split, "images": len(test_ds)},
+            "selection": selection(args.val_split, args.test_split, rule)}
+
+
 def _model_config(args, num_landmarks: int) -> dict:
     return dict(in_channels=1, num_landmarks=num_landmarks, base_channels=args.base_channels,
                 depths=list(args.depths), heads=list(args.heads), mlp_ratio=args.mlp_ratio,
-                transformer=args.transformer)
+                transformer=args.transformer, **{key: getattr(args, key) for key in READING_OPTIONS})
 
 
 def _seed_everything(seed: int) -> None:
@@ -196,6 +216,7 @@ class Run:
     start_epoch: int = 0
     best: float = math.inf
     tensorboard: Any = None
+    train_step: Any = None  # the step (engine.step / engine.cuda_graphs), made by setup_run or on first use
 
     @property
     def steps_per_epoch(self) -> int:
@@ -255,24 +276,40 @@ def setup_run(options: Options) -> Run:
             parser.error(str(exc))
 
     try:
-        train_ds = _dataset(args, args.train_split, args.augment)
-        val_ds = _dataset(args, args.val_split, False)
-        test_ds = val_ds if args.test_split == args.val_split else _dataset(args, args.test_split, False)
+        train_ds, val_ds, test_ds, rule = _datasets(args)
     except (ValueError, data_mod.DatasetFormatError) as exc:
         parser.error(str(exc))
     if args.test_split == args.val_split:
         _log(dist, f"note: the best epoch is selected (and the uncertainty radii calibrated) on the "
                    f"'{args.val_split}' split that is also reported as held-out (the published protocols do "
-                   "this); the reported metrics and coverage are then optimistic. Pass --val-split to select "
-                   "on a separate split.")
+                   "this); the reported metrics and coverage are then optimistic (test_metrics.json says "
+                   f"\"selection\": \"{args.val_split} (optimistic)\"). Without --val-split, real data select on "
+                   "a part carved from the training split.")
+    elif rule is not None:
+        _log(dist, f"validation (model selection, conformal radii): {rule} of '{args.train_split}', listed in "
+                   "config.json (splits.val.ids); --val-split names another split")
+    if args.data == "spine":
+        holdout = "" if spine_has_test(args.root) else "; no test folder under --root: the development holdout"
+        _log(dist, f"spine splits: train '{args.train_split}', select on '{args.val_split}', report "
+                   f"'{args.test_split}'{holdout}")
+    budget = None
+    if args.epochs is None:  # a budget of images seen (--train-images, the cpu profile)
+        args.epochs = profiles.budget_epochs(args.train_images, len(train_ds))
+        budget = {"train_images": args.train_images, "train_split_images": len(train_ds), "epochs": args.epochs}
+        _log(dist, f"budget: {args.train_images} training images seen / {len(train_ds)} training images -> "
+                   f"{args.epochs} epochs (ceil); --epochs overrides")
     num_landmarks = train_ds.num_landmarks
-    model_config = _model_config(args, num_landmarks)
-    model = build_model(model_config)
+    try:
+        model = build_model(_model_config(args, num_landmarks))
+    except ValueError as exc:  # options the model refuses together, e.g. --coord-groups and --heads
+        parser.error(str(exc))
+    model_config = model.config
     # Start the heatmaps near the background level (prior probability ~1%), as detection heads do:
     # the first steps then refine peaks instead of pushing 99% of the pixels down.
     torch.nn.init.constant_(model.head.bias, args.head_bias)
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.min_lr, weight_decay=args.weight_decay)
+    groups = model.param_groups(args.min_lr)  # the coordinate modules at --coord-lr-mult times the rate
+    optimizer = torch.optim.Adam(groups, lr=args.min_lr, weight_decay=args.weight_decay)
     sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
     loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
@@ -281,9 +318,11 @@ def setup_run(options: Options) -> Run:
         parser.error(f"--batch-size {args.batch_size} is larger than the training images per process "
                      f"({len(train_ds)} / {dist.world})")
     half_cycle = max(1, len(loader) * args.epochs // (2 * args.lr_cycles))
+    # CyclicLR sets absolute rates: each group's cycle is scaled by its lr_mult.
     scheduler = torch.optim.lr_scheduler.CyclicLR(
-        optimizer, base_lr=args.min_lr, max_lr=args.lr, step_size_up=half_cycle, mode="triangular",
-        cycle_momentum=False,
+        optimizer, base_lr=[args.min_lr * g["lr_mult"] for g in optimizer.param_groups],
+        max_lr=[args.lr * g["lr_mult"] for g in optimizer.param_groups], step_size_up=half_cycle,
+        mode="triangular", cycle_momentum=False,
     )
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
     thresholds = tuple(args.thresholds or train_ds.thresholds)
@@ -293,6 +332,8 @@ def setup_run(options: Options) -> Run:
         "root": str(Path(args.root).resolve()) if args.root else None,
         "image_size": list(args.image_size),
         "test_split": args.test_split,
+        "splits": _split_settings(args, train_ds, val_ds, test_ds, rule),
+        "budget": budget,
         "data_options": _data_options(args),
         "pixel_spacing_mm": common_spacing(train_ds),
         "model": model_config,
@@ -312,6 +353,11 @@ def setup_run(options: Options) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         run.train_model = torch.compile(run.train_model)
+    try:
+        run.train_step = make_train_step(run)
+    except ValueError as exc:  # --cuda-graphs on where graphs cannot run
+        parser.error(str(exc))
+    run.config["environment"]["cuda_graphs"] = run.train_step.setting
     if dist.main:
         _write_config(run)
         if args.tensorboard:
@@ -319,10 +365,20 @@ def setup_run(options: Options) -> Run:
         n_params = sum(p.numel() for p in model.parameters())
         _log(dist, f"coorkern.train: {args.data} {tuple(args.image_size)}, {len(train_ds)} train / {len(val_ds)} "
                    f"{args.val_split} / {len(test_ds)} {args.test_split} images, {num_landmarks} landmarks; "
-                   f"CoorDetector(base={args.base_channels}, transformer={args.transformer}) {n_params:,} params; "
+                   f"CoorDetector(base={args.base_channels}, transformer={args.transformer}{_readings(model)}) "
+                   f"{n_params:,} params; "
                    f"{args.loss} loss, {args.epochs} epochs x {len(loader)} steps, batch {args.batch_size}"
                    f"{f' x {dist.world} processes' if dist.active else ''}, device {device}; run folder {run_dir}")
+        _log(dist, f"CUDA graphs: {run.train_step.setting}")
     return run
+
+
+def _readings(model) -> str:
+    """The readings of ``model`` that differ from the constructor's defaults, as ``, key=value`` text."""
+    import inspect
+
+    defaults = inspect.signature(type(model)).parameters
+    return "".join(f", {k}={model.config[k]}" for k in READING_OPTIONS if model.config[k] != defaults[k].default)
 
 
 def _restore(run: Run, ckpt: dict) -> None:
@@ -358,32 +414,20 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", dynamic_ncols=True,
                mininterval=0.5, disable=None if args.progress and dist.main else True)
     t0 = time.time()
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    step_fn = training_step(run)
+    # The steps never wait for the device: their losses stay there until the log is read, once per
+    # LOSS_READ_EVERY steps and at the end (engine.step).
+    log = LossLog(run.device)
     lr = run.optimizer.param_groups[0]["lr"]
-    for step, batch in enumerate(run.loader):
-        images = batch["image"].to(run.device, non_blocking=True)
-        landmarks = batch["landmarks"].to(run.device, non_blocking=True)
-        with autocast(run.device, args.amp):
-            logits = run.train_model(images)
-        loss = run.loss(logits, landmarks)
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            run.optimizer.step()
-        lr = run.optimizer.param_groups[0]["lr"]
-        run.scheduler.step()
-        loss_value = loss.detach().double().cpu()
-        loss_sum += loss_value
-        if run.tensorboard is not None:
-            run.tensorboard.step(epoch * steps + step, float(loss_value), lr)
-        rate = (step + 1) * args.batch_size * dist.world / max(time.time() - t0, 1e-9)
-        bar.set_postfix_str(f"loss={float(loss_value):.5f}, lr={lr:.2e}, img_s={rate:.1f}", refresh=False)
+    for batch in run.loader:
+        step_fn(batch, log)
         bar.update(1)
+        if log.due:
+            lr = _report_losses(run, log, epoch * steps, bar, t0)
+    if log.pending:
+        lr = _report_losses(run, log, epoch * steps, bar, t0)
     bar.close()
+    loss_sum = log.epoch_total()
     if dist.active:
         torch.distributed.all_reduce(loss_sum)
         loss_sum /= dist.world
@@ -396,6 +440,27 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     train_time = time.time() - t0
     return {"epoch": epoch + 1, "train_loss": float(loss_sum) / steps, "lr": lr,
             "images_per_s": steps * args.batch_size * dist.world / train_time, "epoch_time_s": train_time}
+
+
+def training_step(run: Run):
+    """The run's training step, ``step(batch, log)`` (made on first use for runs built by hand)."""
+    if run.train_step is None:
+        run.train_step = make_train_step(run)
+    return run.train_step
+
+
+def _report_losses(run: Run, log: LossLog, first_step: int, bar, t0: float) -> float:
+    """Read the log's pending losses (one device-to-host copy): TensorBoard gets every step's loss
+    and learning rate, the progress bar their mean; returns the last step's learning rate."""
+    first = first_step + log.steps - log.pending  # global index of the first step not read yet
+    values = log.read()
+    if run.tensorboard is not None:
+        for i, (loss, lr) in enumerate(values):
+            run.tensorboard.step(first + i, loss, lr)
+    rate = log.steps * run.args.batch_size * run.dist.world / max(time.time() - t0, 1e-9)
+    mean = sum(loss for loss, _ in values) / len(values)
+    bar.set_postfix_str(f"loss={mean:.5f}, lr={values[-1][1]:.2e}, img_s={rate:.1f}", refresh=False)
+    return values[-1][1]
 
 
 def validate(run: Run, row: dict) -> tuple[float, dict]:
@@ -434,8 +499,10 @@ def _log_validation_images(run: Run, epoch: int, count: int = 4) -> None:
     with autocast(run.device, run.args.amp):
         logits = run.model(images).float()
     coords, _ = metrics.decode_heatmaps(logits)
+    spine = run.args.data == "spine"  # vertebrae as quadrilaterals, on a larger canvas for 68 landmarks
     overlays = [render_overlay(item["image"], item["landmarks"], coords[i].cpu(),
-                               scale=max(1, 256 // max(item["image"].shape[-2:]))) for i, item in enumerate(items)]
+                               scale=max(1, (512 if spine else 256) // max(item["image"].shape[-2:])),
+                               vertebrae=spine) for i, item in enumerate(items)]
     run.tensorboard.images(epoch + 1, overlays, torch.sigmoid(logits).amax(1, keepdim=True))
 
 
@@ -461,17 +528,24 @@ def final_report(run: Run, t_start: float) -> dict:
     held_out = held_out_report(model, run.test_ds, run.thresholds, device=run.device,
                                batch_size=run.eval_batch_size, amp=args.amp, mean_shape=run.mean_shape,
                                calibration=calibration, out=run.run_dir, overlays=args.overlays)
-    write_json(run.run_dir / "test_metrics.json", {"split": args.test_split, "images": len(run.test_ds),
-                                                    "best_epoch": best_ckpt["epoch"] + 1,
-                                                    "model": held_out["metrics"], "baseline": held_out["baseline"],
-                                                    "conformal": held_out["conformal"]})
+    chosen_on = run.config.get("splits", {}).get("selection") or selection(args.val_split, args.test_split)
+    report = {"split": args.test_split, "images": len(run.test_ds), "best_epoch": best_ckpt["epoch"] + 1,
+              "selection": chosen_on, "model": held_out["metrics"], "baseline": held_out["baseline"],
+              "conformal": held_out["conformal"]}
+    if held_out["cobb"] is not None:
+        report["cobb"] = held_out["cobb"].summary
+    write_json(run.run_dir / "test_metrics.json", report)
     minutes = (time.time() - t_start) / 60
-    _log(dist, f"\nheld-out {args.test_split} ({len(run.test_ds)} images), best epoch {best_ckpt['epoch'] + 1}, "
-               f"trained in {minutes:.1f} min:")
+    pixels = " (pixels of the original images)" if "pixels" in held_out["metrics"] else ""
+    _log(dist, f"\nheld-out {args.test_split} ({len(run.test_ds)} images), best epoch {best_ckpt['epoch'] + 1} "
+               f"selected on {report['selection']}, trained in {minutes:.1f} min{pixels}:")
     _log(dist, metrics.format_table(held_out["metrics"], held_out["baseline"]))
+    if held_out["cobb"] is not None:
+        _log(dist, format_cobb(report["cobb"]))
     _log(dist, format_coverage(held_out["conformal"]) + f" (calibrated on '{args.val_split}')")
     _log(dist, f"run folder: {run.run_dir}")
-    return {"test": held_out["metrics"], "baseline": held_out["baseline"], "conformal": held_out["conformal"]}
+    return {"test": held_out["metrics"], "baseline": held_out["baseline"], "conformal": held_out["conformal"],
+            "cobb": report.get("cobb"), "selection": report["selection"]}
 
 
 # ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ __all__ = ["COORD_MODES", "COORD_SOURCES", "CoordinateModule"]
 
 COORD_MODES = ("offset", "absolute")
 COORD_SOURCES = ("features", "queries")
+GEOMETRY_CACHE_SIZE = 16  # token grids whose geometry a module keeps (a model sees a few)
 
 
 class CoordinateModule(nn.Module):
@@ -84,6 +85,10 @@ class CoordinateModule(nn.Module):
         self.to_coords = nn.Conv2d(dim, 2 * groups, kernel_size=1)
         nn.init.normal_(self.to_coords.weight, std=self.offset_init_std)
         nn.init.zeros_(self.to_coords.bias)
+        # (reference grid, offset scale) per token grid and device: built once, not in every
+        # step (a linspace/meshgrid/stack and a host-to-device copy of the scale otherwise).
+        # A plain dict, not buffers: state dicts and checkpoints stay as they are.
+        self._geometry_cache: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
@@ -92,13 +97,38 @@ class CoordinateModule(nn.Module):
         if self.coord_mode == "absolute":
             coords = F.relu(raw)
         else:
-            # One cell of an align_corners=True grid spans 2 / (size - 1) normalized units.
-            cell = raw.new_tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)])
-            grid = reference_grid(height, width, device=x.device)
-            coords = grid + torch.tanh(raw) * (self.offset_range * cell)
+            grid, scale = self._geometry(height, width, x.device)
+            coords = grid + torch.tanh(raw) * scale
         if self.groups == 1:
             return coords[:, 0]
         return coords.repeat_interleave(self.heads // self.groups, dim=1)
+
+    def _geometry(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(H*W, 2)`` reference grid and the ``(2,)`` offset scale (``offset_range`` cells,
+        x then y) of an ``height x width`` token grid on ``device``, made without host data.
+
+        Kept for the next call except while traced, compiled or under a dispatch mode (fake
+        tensors, export: constants there, which the compiler folds), during a CUDA-graph
+        capture (memory of the graph's pool) and past :data:`GEOMETRY_CACHE_SIZE` grids;
+        tensors made under inference mode are kept apart (autograd cannot save them)."""
+        if torch.compiler.is_compiling():  # first: the cache lookup itself would break the graph
+            return self._make_geometry(height, width, device)
+        key = (height, width, device, self.offset_range, torch.is_inference_mode_enabled())
+        cached = self._geometry_cache.get(key)
+        if cached is not None:
+            return cached
+        geometry = self._make_geometry(height, width, device)
+        keep = not (torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+                    or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+        if keep and len(self._geometry_cache) < GEOMETRY_CACHE_SIZE:
+            self._geometry_cache[key] = geometry
+        return geometry
+
+    def _make_geometry(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # One cell of an align_corners=True grid spans 2 / (size - 1) normalized units.
+        cell = torch.full((2,), 2.0 / max(width - 1, 1), device=device)
+        cell[1].fill_(2.0 / max(height - 1, 1))
+        return reference_grid(height, width, device=device), self.offset_range * cell
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, groups={self.groups}, coord_mode={self.coord_mode!r}, "

@@ -124,6 +124,8 @@ def test_main_on_a_pretend_gpu_runs_every_stage_and_judges_the_targets(gpu_check
         "attention benchmark, bf16": (
             "| heads x d x N | dtype | impl | fwd TFLOP/s | bwd TFLOP/s | vs grid+sdpa |\n|---|---|---|---|---|---|\n"
             + warning + "| 1x64x16384 | bf16 | coorkern-triton | 260 | 140 | 1.10x |\n"),
+        "traces": ("| case | launches |\n|---|---|\n| loss | 3 |\n\n| case | layer |\n|---|---|\n| loss | x |\n"
+                   "\n| case | launches |\n|---|---|\n| step | 900 |\n"),
     }
     seen = []
 
@@ -151,9 +153,14 @@ def test_main_on_a_pretend_gpu_runs_every_stage_and_judges_the_targets(gpu_check
         "attention bf16 d=64 N=16384 backward >= 150 TFLOP/s": "NOT met",
         "attention bf16 d=64 N=16384 fwd+bwd >= 1.0x grid+sdpa": "met",
         "training step >= 1.5x eager reference ops": "met",
+        "graphed detector step >= 4x eager reference ops": "-",  # no graphed rows in the canned table
+        "coorkern graphed >= 1.2x reference ops graphed": "-",
+        "Triton attention >= 1.0x grid_sample+SDPA in the graphed step": "-",
+        "central loss fwd+bwd 8x19x512x416 <= 0.35 ms": "-",
     }
     section = results_md.read_text()
     assert "## GPU: Pretend GPU" in section and "cuda tests: ok in 1 s -- 3 passed, 1 skipped in 9.0s" in section
+    assert section.count("### Profiler traces") == 3 and "| step | 900 |" in section  # every trace table kept
 
     seen.clear()  # a second call for what the first did not reach
     assert gpu_check.main(["--json", str(out), "--stages", "attention benchmark, fp32", "--no-results-md"]) == 0
@@ -256,3 +263,103 @@ def test_launch_overhead_runs_without_a_gpu(gpu_check):
     refused = subprocess.run([sys.executable, script], env=dict(env, TRITON_INTERPRET="1"), capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode == 2 and "unset TRITON_INTERPRET" in refused.stderr
+
+
+def test_targets_of_the_graphed_step_and_the_loss_time(gpu_check):
+    steps = ("| impl | step ms | vs eager reference ops |\n|---|---|---|\n"
+             "| eager reference ops | 40.0 | 1.00x |\n| eager reference ops, graphed | 12.0 | 3.33x |\n"
+             "| coorkern | 20.0 | 2.00x |\n| coorkern, graphed | 8.0 | 5.00x |\n"
+             "| coorkern, all Triton | 22.0 | 1.82x |\n| coorkern, all Triton, graphed | 9.0 | 4.44x |\n")
+    loss = ("| shape | dtype | variant | impl | fwd+bwd ms |\n|---|---|---|---|---|\n"
+            "| 8x19x512x416 | fp32 | landmarks | coorkern | 0.30 |\n| 8x19x512x416 | bf16 | landmarks | coorkern | 0.20 |\n"
+            "| 8x19x512x416 | fp32 | target | coorkern | 0.90 |\n| 2x19x512x416 | fp32 | landmarks | coorkern | 0.10 |\n")
+    checks = {name: (measured, verdict) for name, measured, verdict in
+              gpu_check.check_targets({"train_step_tables": [steps], "central_loss_tables": [loss]})}
+    assert checks["graphed detector step >= 4x eager reference ops"] == ("5.00 (worst of 1)", "met")
+    assert checks["coorkern graphed >= 1.2x reference ops graphed"] == ("1.50 (worst of 1)", "met")
+    assert checks["Triton attention >= 1.0x grid_sample+SDPA in the graphed step"] == ("0.89 (worst of 1)", "NOT met")
+    # the training loss (landmarks) at the target's shape, worst dtype; lower is better
+    assert checks["central loss fwd+bwd 8x19x512x416 <= 0.35 ms"] == ("0.30 (worst of 2)", "met")
+
+
+def _x(cat, name, ts, dur, tid=1, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+
+
+def test_profile_trace_reduces_a_cuda_step(tmp_path):
+    """bench/profile_trace.py on a hand-made chrome trace with CUDA activity: exclusive host time per
+    layer, the launches inside the step window and their kernels by correlation, the launch -> kernel
+    gap, and the synchronizing / allocating calls inside the step (not those outside)."""
+    import gzip
+
+    spec = importlib.util.spec_from_file_location("profile_trace", os.path.join(ROOT, "bench", "profile_trace.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    events = [
+        _x("user_annotation", "step", 100, 1000),
+        _x("python_function", "coorkern/ops/central_loss/op.py(300): central_loss_from_landmarks", 100, 400),
+        _x("python_function", "coorkern/ops/central_loss/launch.py(90): _triton_pass", 150, 300),
+        _x("python_function", "triton/runtime/jit.py(600): run", 200, 200),
+        _x("cuda_driver", "cuLaunchKernel", 300, 50, correlation=7),
+        _x("cpu_op", "aten::empty", 160, 10),
+        _x("cuda_runtime", "cudaLaunchKernel", 600, 20, correlation=8),
+        _x("cuda_runtime", "cudaStreamSynchronize", 700, 100),
+        _x("cuda_runtime", "cudaMalloc", 850, 30),
+        _x("cuda_runtime", "cudaMalloc", 2000, 30),  # after the step: not counted
+        _x("kernel", "_central_loss_kernel", 380, 40, tid=7, correlation=7),
+        _x("kernel", "_finish_sum_kernel", 640, 10, tid=7, correlation=8),
+        _x("kernel", "unrelated", 5000, 10, tid=7, correlation=99),
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "x"}},
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = module.reduce_trace(module.load_events(str(path)))
+    assert summary["step_us"] == 1000 and summary["launches"] == 2 and summary["kernels"] == 2
+    assert summary["kernel_us"] == 50 and summary["gpu_span_us"] == 270
+    assert summary["gap_median_us"] == 60 and summary["gap_max_us"] == 80  # 380 - 300, 640 - 600
+    assert summary["syncs"] == {"cudaStreamSynchronize": (1, 100.0), "cudaMalloc": (1, 30.0)}
+    layers = summary["layers"]
+    assert layers["coorkern op entry (checks, routing, autograd.Function)"] == 100  # 400 - the launch's 300
+    assert layers["coorkern launch (buffers, configs, autotuner)"] == 300 - 200 - 10  # minus Triton and aten::empty
+    assert layers["Triton launcher"] == 150 and layers["ATen / torch ops (C++)"] == 10
+    assert layers["CUDA runtime + driver calls"] == 50 + 20 + 100 + 30
+    assert summary["host_us"] == 400 + 150  # everything but the gaps between host events
+    text = module.markdown("loss", summary, 0.9)
+    tables = text.split("\n\n")
+    assert len(tables) == 2 and "cudaMalloc x1 (30 us), cudaStreamSynchronize x1 (100 us)" in tables[0]
+    assert "| loss | 0.900 | 1.000 | 0.550 | 2 | 2 | 0.050 | 19% | 60 / 80 |" in tables[0]
+
+
+def test_trace_stage_dry_run_on_cpu(gpu_check, tmp_path):
+    """The trace stage on a CPU (no CUDA activity, the C++ kernels): every case in its own process,
+    timed and traced, its gzipped chrome trace and its tables under --trace-dir, the tables on
+    stdout for the report."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, SCRIPT, "--stage", "trace", "--device", "cpu", "--size", "64", "64",
+                          "--base", "4", "--reps", "1", "--trace-dir", str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables = [gpu_check.table_rows(t) for t in gpu_check.markdown_tables(out.stdout)]
+    cases = ["central-loss", "attention", "detector-step"]  # the graphed step needs CUDA
+    assert len(tables) == 2 * len(cases)
+    for case, summary, layers in zip(cases, tables[0::2], tables[1::2]):
+        (row,) = summary
+        assert gpu_check.number(row["wall ms"]) > 0 and gpu_check.number(row["host ms"]) > 0, row
+        assert row["launches"] == "0" and row["syncs, copies, allocs in the step"] == "none"  # CPU: no CUDA calls
+        assert layers and all(r["case"] == row["case"] for r in layers)
+        assert sum(gpu_check.number(r["host ms (exclusive)"]) for r in layers) == pytest.approx(
+            gpu_check.number(row["host ms"]), abs=0.01 * len(layers))
+        assert (tmp_path / f"trace_{case}.json.gz").stat().st_size > 0 and (tmp_path / f"trace_{case}.md").is_file()
+    layers = {r["layer"] for r in tables[5]}
+    assert {"coorkern model (Python)", "coorkern engine (the training step)", "torch.optim"} <= layers
+
+
+def test_traces_go_under_out_where_the_device_tool_runs(gpu_check, monkeypatch):
+    monkeypatch.setenv("OUT", "/device/out")
+    assert gpu_check.default_trace_dir() == "/device/out/traces"
+    commands = {name: cmd for name, cmd, _ in gpu_check.stage_commands("py", "5", {}, "/device/out/traces")}
+    assert commands["traces"][-2:] == ["--trace-dir", "/device/out/traces"]
+    monkeypatch.delenv("OUT")
+    assert gpu_check.default_trace_dir().endswith("coorkern-gpu-check-traces")

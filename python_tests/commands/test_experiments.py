@@ -91,6 +91,23 @@ def test_runs_shared_between_studies_are_trained_once(tmp_path):
     assert {"coor-central-r2", "swin-central-r2", "deformable-central-r2", "none-central-r0"} <= set(names)
 
 
+def test_spine_studies_use_the_development_holdout_and_report_the_cobb_smape(tmp_path):
+    args = experiments.build_parser().parse_args(["--study", "transformer", "--data", "spine", "--root",
+                                                  str(tmp_path), "--out", str(tmp_path / "out")])
+    common = studies.common_train_args(args)
+    assert common[:4] == ["--profile", "auto", "--data", "spine"]
+    for option, split in (("--train-split", "holdout_train"), ("--val-split", "holdout_val"),
+                          ("--test-split", "holdout_test")):
+        assert common[common.index(option) + 1] == split
+    row = {"seeds": [0], "missing": [], "unit": "px", "thresholds": [10.0], "mre": {"mean": 30.0, "std": None},
+           "sdr": {"10": {"mean": 40.0, "std": None}}, "smape": {"mean": 21.5, "std": None, "n": 1},
+           "p_value": None, "wall_s": {"mean": 60.0, "std": None}, "images_per_s": {"mean": 3.0, "std": None}}
+    table = studies.study_table({"reference": "coor", "variants": {"coor": row}})
+    assert "| variant | seeds | MRE (px) | SDR 10 px (%) | Cobb SMAPE (%) | p vs coor |" in table
+    assert "| coor (ref.) | 1 | 30.00 | 40.00 | 21.50 | — |" in table
+    assert "SMAPE" not in studies.study_table({"reference": "coor", "variants": {"coor": dict(row, smape=None)}})
+
+
 def test_p_values_are_marked_like_the_paper():
     assert studies.format_p(1e-6) == "1e-06 (**)"
     assert studies.format_p(0.01) == "0.01 (*)"
@@ -149,10 +166,12 @@ def test_isbi2015_holdout_split_of_the_150_training_images(tmp_path):
     common = studies.common_train_args(args)
     table = tmp_path / "isbi2015_holdout.csv"
     assert common[:7] == ["--profile", "cpu", "--data", "csv", "--root", str(table), "--image-size"]
-    assert common[7:9] == ["256", "208"]
+    assert common[7:11] == ["256", "208", "--val-split", "val"]
     train_set = data.load_dataset("csv", table, "train", (256, 208))
+    val_set = data.load_dataset("csv", table, "val", (256, 208))
     test_set = data.load_dataset("csv", table, "test", (256, 208))
-    assert [r.id for r in train_set.records] == [f"{i:03d}" for i in range(1, 101)]
+    assert [r.id for r in train_set.records] == [f"{i:03d}" for i in range(1, 86)]
+    assert [r.id for r in val_set.records] == [f"{i:03d}" for i in range(86, 101)]
     assert [r.id for r in test_set.records] == [f"{i:03d}" for i in range(101, 151)]
     # The same landmarks (and 0.1 mm spacing) as the isbi2015 loader gives for those images.
     loader = data.load_dataset("isbi2015", REALDATA / "isbi2015", "train", (256, 208), ids=[1, 150]).records

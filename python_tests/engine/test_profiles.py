@@ -17,6 +17,7 @@ def parse(argv):
 
 @pytest.mark.parametrize("requested, data, device, expected", [
     ("auto", "isbi2015", "cpu", "cpu"), ("auto", "hand", "cuda", "paper"), ("auto", "csv", "cpu", "cpu"),
+    ("auto", "spine", "cpu", "cpu"), ("auto", "spine", "cuda", "paper"),
     ("auto", "synthetic", "cpu", None), ("auto", "synthetic", "cuda", None),
     ("paper", "isbi2015", "cpu", "paper"), ("cpu", "chest", "cuda", "cpu"), ("paper", "synthetic", "cpu", "paper"),
 ])
@@ -31,7 +32,8 @@ def test_paper_profile_is_the_papers_configuration():
     assert (args.image_size, args.base_channels, args.batch_size) == ([512, 416], 64, 2)
     assert (args.depths, args.heads, args.lr, args.min_lr) == ([1, 1, 1, 1], [8, 4, 2, 1], 1e-3, 1e-4)
     assert (args.loss, args.r, args.select) == ("central", 2.0, "loss")
-    for data, size in (("hand", [512, 384]), ("chest", [512, 512])):
+    assert args.epochs == 100 and args.train_images is None
+    for data, size in (("hand", [512, 384]), ("chest", [512, 512]), ("spine", [1024, 512])):
         args, explicit = parse(["--data", data, "--root", "x", "--profile", "paper"])
         profiles.apply_profile(args, explicit, "cuda")
         assert args.image_size == size
@@ -44,8 +46,18 @@ def test_cpu_profile_is_the_default_for_real_data_without_cuda_and_the_command_l
     assert args.epochs == 3 and args.image_size == [256, 208] and args.base_channels == 8
     assert args.data_option == [("cache", False)]  # not overridden by the profile's cache=True
     args, explicit = parse(["--data", "hand", "--root", "x"])
+    note = profiles.apply_profile(args, explicit, torch.device("cpu"))
+    assert args.data_option == [("cache", True)] and args.image_size == [256, 192]
+    # A budget of images seen; the epochs follow from the training split once it is loaded.
+    assert args.epochs is None and args.train_images == profiles.CPU_TRAIN_IMAGES == 6000
+    assert "6000 training images seen" in note
+    args, explicit = parse(["--data", "spine", "--root", "x"])
     profiles.apply_profile(args, explicit, torch.device("cpu"))
-    assert args.data_option == [("cache", True)] and args.image_size == [256, 192] and args.epochs == 10
+    assert args.profile == "cpu" and args.image_size == [320, 128] and args.epochs is None
+    # An explicit budget beats the paper profile's epoch count.
+    args, explicit = parse(["--data", "hand", "--root", "x", "--profile", "paper", "--train-images", "500"])
+    profiles.apply_profile(args, explicit, torch.device("cpu"))
+    assert args.epochs is None and args.train_images == 500 and args.image_size == [512, 384]
 
 
 def test_synthetic_data_keeps_the_training_commands_defaults():

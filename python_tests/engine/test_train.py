@@ -198,7 +198,8 @@ def test_mixed_precision_and_baseline_losses_run(tmp_path):
 
 
 def test_training_on_a_custom_csv_dataset(tmp_path):
-    """The real-data path: Pillow images + CSV, resize, augmentation, val = test split, mm from a spacing column."""
+    """The real-data path: Pillow images + CSV, resize, augmentation, validation carved from the training split,
+    mm from a spacing column."""
     from PIL import Image
 
     from coorkern.data import render_synthetic
@@ -213,6 +214,8 @@ def test_training_on_a_custom_csv_dataset(tmp_path):
     result = train.main(TINY + ["--data", "csv", "--root", str(tmp_path), "--image-size", "64", "64", "--epochs", "1",
                                 "--out", str(tmp_path / "run")])
     assert result["config"]["args"]["augment"] is True
+    # 10 rows, 80% train: the 8th validates (not augmented), the 2 test rows are never seen before the report.
+    assert result["config"]["splits"]["val"]["ids"] == ["7"] and result["config"]["splits"]["test"]["images"] == 2
     assert result["test"]["unit"] == "mm" and len(result["test"]["per_landmark"]) == 3
     assert result["config"]["model"]["num_landmarks"] == 3
 
@@ -220,7 +223,7 @@ def test_training_on_a_custom_csv_dataset(tmp_path):
 def test_hand_data_with_data_options_and_predict_in_mm(tmp_path):
     from support.format_fixtures import hand_fixture
 
-    hand_fixture(tmp_path / "hand", n=6, size=(80, 64))
+    hand_fixture(tmp_path / "hand", n=8, size=(80, 64))  # 5 train rows: 4 to train (batch 4), 1 to select
     result = train.main(TINY + ["--data", "hand", "--root", str(tmp_path / "hand"), "--epochs", "1",
                                 "--data-option", "landmark_indices=[0,1,5,9]", "--out", str(tmp_path / "run")])
     assert result["config"]["model"]["num_landmarks"] == 4

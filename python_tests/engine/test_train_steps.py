@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from coorkern.engine import step as engine_step
 from coorkern.engine import trainer
 from coorkern.engine.checkpoints import load_checkpoint
 
@@ -219,6 +220,7 @@ def test_progress_bar_counts_steps_and_shows_loss_lr_and_throughput(tmp_path, mo
     clock = iter(100 + 0.5 * i for i in range(100))  # half a second per clock read: t0, one per step, the end
     monkeypatch.setattr(trainer, "time", SimpleNamespace(time=lambda: next(clock)))
     monkeypatch.setattr(trainer, "tqdm", FakeBar)
+    monkeypatch.setattr(engine_step, "LOSS_READ_EVERY", 1)  # the losses read after every step (default: every 50)
     FakeBar.made = []
     run = make_run(tmp_path, steps=2, batch_size=3, world=2, progress=progress, script=[0.5, 0.25])
     run.dist.main = main

@@ -5,8 +5,11 @@ passes that allocate the outputs and launch the kernels.
 the finishing sum) or backward pass (1 launch), plus copies of non-contiguous inputs.  Float
 scalars travel as fp64 kernel parameters, launches run under the tensors' device guard, and
 on CUDA the block size and warps are autotuned (``TUNING_CONFIGS``, the hand-picked one first;
-never under the interpreter).  Every launch goes through ``_launch`` (wrap_triton inside the
-traced triton_op; the tests count launches there).
+never under the interpreter).  A key first seen during a CUDA-graph capture is not timed (the
+timing synchronizes, which a capture refuses): it launches the hand-picked config, untuned, and
+is timed on its first call outside a capture.  The partial sums of "mean"/"sum" live in a
+scratch buffer reused between eager calls (``host.scratch``).  Every launch goes through
+``_launch`` (wrap_triton inside the traced triton_op; the tests count launches there).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime.host import HAS_TRITON_OP, cdiv, device_guard, launchable
+from .._runtime.host import HAS_TRITON_OP, capturing, cdiv, device_capability, device_guard, launchable, scratch
 from .kernels import MODE_GRAD, MODE_LOSS_NONE, MODE_LOSS_SUM, _central_loss_kernel, _finish_sum_kernel
 
 
@@ -64,6 +67,24 @@ def _cuda_kernel():
     return _tuned_kernel
 
 
+# Autotuner keys (ours, at least as fine as triton.autotune's: its key values plus every tensor
+# argument's dtype) of the calls launched through the autotuner outside a capture.
+_tuned_keys: set = set()
+
+
+def _kernel_and_meta(device: torch.device, tune_key: tuple):
+    """The kernel to launch on a CUDA ``device`` and its meta-parameters beyond the call's own:
+    the autotuner, except during a CUDA-graph capture for a key it has not timed yet (the hand-
+    picked config then, untuned; the key is timed at its next call outside a capture)."""
+    major, minor = device_capability(device)
+    arch = 10 * major + minor
+    if capturing(device) and (tune_key, arch) not in _tuned_keys:
+        block, warps = TUNING_CONFIGS[0]
+        return _central_loss_kernel, {"ARCH": arch, "BLOCK": block, "num_warps": warps}
+    _tuned_keys.add((tune_key, arch))
+    return _cuda_kernel(), {"ARCH": arch}
+
+
 def _launch(kernel, grid, *args, **meta):
     """Every kernel launch of this module goes through here (tests count them)."""
     launchable(kernel, args[0].device, HAS_TRITON_OP)[grid](*args, **meta)
@@ -98,19 +119,21 @@ def _triton_pass(mode, logits, target, landmarks, sigma, r, reduction, radius, g
     programs = rows * chunks_per_row
     acc_dtype = _compute_dtype(x.dtype)
 
-    if mode == MODE_LOSS_SUM:
-        out = torch.empty(max(programs, 1), device=x.device, dtype=acc_dtype)
+    if mode == MODE_LOSS_SUM:  # partial sums: read by the finishing sum only
+        out = scratch("central_loss.partials", (max(programs, 1),), acc_dtype, x.device)
     else:
         out = torch.empty_like(x)
     scalar_grad = reduction != "none"
     g_out = x  # unused pointer slot unless MODE_GRAD
     if mode == MODE_GRAD:
         g_out = grad_output if scalar_grad else grad_output.expand_as(x).contiguous()
+    constexprs = dict(MODE=mode, FROM_LANDMARKS=landmarks is not None, HAS_RADIUS=radius is not None,
+                      GRAD_OUT_SCALAR=scalar_grad, R_INT=integer_power(r), FAST_ROW=inner < FAST_ROW_PIXELS)
     if interpreted:
         kernel, meta = _central_loss_kernel, {"BLOCK": chunk, "ARCH": 0}
     else:
-        major, minor = torch.cuda.get_device_capability(x.device)
-        kernel, meta = _cuda_kernel(), {"ARCH": 10 * major + minor}
+        tune_key = (*constexprs.values(), x.dtype, t.dtype, g_out.dtype, out.dtype)
+        kernel, meta = _kernel_and_meta(x.device, tune_key)
     with _device_guard(x):
         if programs > 0:
             _launch(
@@ -119,9 +142,7 @@ def _triton_pass(mode, logits, target, landmarks, sigma, r, reduction, radius, g
                 inner, chunks_per_row, width, float(r),
                 1.0 / (2.0 * sigma * sigma), float(radius) ** 2 if radius is not None else 0.0,
                 1.0 / numel if reduction == "mean" else 1.0,
-                MODE=mode, FROM_LANDMARKS=landmarks is not None, HAS_RADIUS=radius is not None,
-                GRAD_OUT_SCALAR=scalar_grad, R_INT=integer_power(r), ACC=_tl_dtype(x.dtype),
-                FAST_ROW=inner < FAST_ROW_PIXELS, CHUNK=chunk, **meta,
+                **constexprs, ACC=_tl_dtype(x.dtype), CHUNK=chunk, **meta,
             )
         if mode == MODE_LOSS_SUM:
             total = torch.empty((), device=x.device, dtype=logits.dtype)

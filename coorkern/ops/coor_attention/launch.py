@@ -11,7 +11,9 @@ candidate compiles spill-free for sm_80 and sm_90 (the AOT tests compile them).
 ``_triton_forward`` (3 launches: sample K, sample Q or V, attention) and ``_triton_backward``
 (re-sample, delta, dK/dV, dQ, one scatter per sampled map) are the two passes; every launch
 goes through ``_launch`` (wrap_triton inside the traced triton_op; the tests count launches
-there).  Extra memory is O(N d), never N x N; the grid is 1-D.
+there).  Extra memory is O(N d), never N x N; the grid is 1-D.  The temporaries that no output
+aliases (sampled tokens, delta, the fp32 gradients of sampled tokens before their scatter,
+contiguous copies of strided inputs) come from ``host.scratch``: reused between eager calls.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import backend as _backend
-from .._runtime.host import HAS_TRITON_OP, cdiv, launchable, next_power_of_2
+from .._runtime.host import HAS_TRITON_OP, capturing, cdiv, device_capability, launchable, next_power_of_2, scratch
 from .kernels import (_attn_bwd_dkv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel, _row_dot_kernel, _sample_kernel,
                       _scatter_kernel)
 
@@ -52,9 +54,10 @@ def uses_fma(dtype: torch.dtype, precision: str) -> bool:
 
 
 def device_arch(device: Optional[torch.device] = None) -> int:
-    """10 major + minor of ``device`` (the current CUDA device by default); 90 without CUDA."""
+    """10 major + minor of ``device`` (the current CUDA device by default; asked once per
+    device with an index, ``host.device_capability``); 90 without CUDA."""
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = torch.cuda.get_device_capability() if device is None else device_capability(device)
         return 10 * major + minor
     return 90
 
@@ -160,7 +163,7 @@ def tracing() -> bool:
 def autotune_allowed(device: torch.device) -> bool:
     return (device.type == "cuda" and not _backend.triton_interpreter_enabled()
             and os.environ.get(AUTOTUNE_ENV) != "0" and not torch.are_deterministic_algorithms_enabled()
-            and not torch.cuda.is_current_stream_capturing() and not tracing())
+            and not capturing(device) and not tracing())
 
 
 def pick(kind: str, d: int, dtype: torch.dtype, precision: str, n: int, device: torch.device,
@@ -255,11 +258,13 @@ def _launch(kernel, grid, *args, **meta):
     launchable(kernel, args[0].device, HAS_TRITON_OP)[grid](*args, **meta)
 
 
-def _sample_tokens(fmap: torch.Tensor, coords: torch.Tensor, align_corners: bool) -> torch.Tensor:
-    """Pre-pass: sample a (B, heads, H, W, d) map at coords -> contiguous (B, heads, N, d)."""
+def _sample_tokens(fmap: torch.Tensor, coords: torch.Tensor, align_corners: bool,
+                   role: str = "sampled") -> torch.Tensor:
+    """Pre-pass: sample a (B, heads, H, W, d) map at coords -> contiguous (B, heads, N, d), a
+    temporary of the call (``role``, see ``host.scratch``)."""
     batch, heads, height, width, d = fmap.shape
     n = coords.shape[-2]
-    out = torch.empty((batch, heads, n, d), device=fmap.device, dtype=fmap.dtype)
+    out = scratch(role, (batch, heads, n, d), fmap.dtype, fmap.device)
     cfg = launch_config("sample", d, fmap.dtype)
     _launch(
         _sample_kernel, _grid(n, cfg["BLOCK"], batch * heads),
@@ -270,15 +275,16 @@ def _sample_tokens(fmap: torch.Tensor, coords: torch.Tensor, align_corners: bool
     return out
 
 
-def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+def _kernel_layout(t: torch.Tensor, role: str = "layout") -> torch.Tensor:
     """``t`` itself when the launcher will specialize it as 16-byte aligned with unit channel
     stride and multiple-of-16 strides -- the kernel variant the tests compile spill-free for
-    sm_80/sm_90 -- else a contiguous copy in new storage (O(input), only for sliced or permuted
-    inputs).  Alignment from the storage offset (torch's allocators align storages to >= 64 B):
-    fake tensors, which the triton_op is traced with, have no data pointer."""
+    sm_80/sm_90 -- else a contiguous copy in other storage (O(input), only for sliced or permuted
+    inputs; a temporary of the call, ``role``).  Alignment from the storage offset (torch's
+    allocators align storages to >= 64 B): fake tensors, which the triton_op is traced with,
+    have no data pointer."""
     aligned = (t.storage_offset() * t.element_size() % 16 == 0 and t.stride(-1) == 1
                and all(s % 16 == 0 for s in t.stride()[:-1]))
-    return t if aligned else t.clone(memory_format=torch.contiguous_format)
+    return t if aligned else scratch(role, t.shape, t.dtype, t.device).copy_(t)
 
 
 def _prepare_coords(coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -305,15 +311,15 @@ def _triton_forward(q, k, v, coords, sample, scale, align_corners):
 
     Launches: sample K, sample Q ("qk") or V ("kv"), attention -- 3 (+1 coords cast when
     coords are not in the accumulation dtype)."""
-    q, k, v = (_kernel_layout(t) for t in (q, k, v))
+    q, k, v = (_kernel_layout(t, f"layout_{name}") for t, name in ((q, "q"), (k, "k"), (v, "v")))
     c = _prepare_coords(coords, q.dtype)
     batch, heads, d = q.shape[0], q.shape[1], q.shape[-1]
     n = c.shape[-2]
-    ks = _sample_tokens(k, c, align_corners)
+    ks = _sample_tokens(k, c, align_corners, "sampled_k")
     if sample == "qk":
-        qs, vs = _sample_tokens(q, c, align_corners), v
+        qs, vs = _sample_tokens(q, c, align_corners, "sampled_qv"), v
     else:
-        qs, vs = q, _sample_tokens(v, c, align_corners)
+        qs, vs = q, _sample_tokens(v, c, align_corners, "sampled_qv")
     n_q = qs.shape[2]
     out = torch.empty((batch, heads, n_q, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=_acc_dtype(q.dtype))
@@ -322,11 +328,12 @@ def _triton_forward(q, k, v, coords, sample, scale, align_corners):
     return out, lse
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum over the last dim of a * b in the accumulation dtype, one launch (contiguous inputs)."""
+def _row_dot(a: torch.Tensor, b: torch.Tensor, role: str = "row_dot") -> torch.Tensor:
+    """sum over the last dim of a * b in the accumulation dtype, one launch (contiguous inputs),
+    into a temporary of the call (``role``)."""
     a, b = a.contiguous(), b.contiguous()
     d = a.shape[-1]
-    out = torch.empty(a.shape[:-1], device=a.device, dtype=_acc_dtype(a.dtype))
+    out = scratch(role, a.shape[:-1], _acc_dtype(a.dtype), a.device)
     cfg = launch_config("rowdot", d, a.dtype)
     _launch(
         _row_dot_kernel, (cdiv(out.numel(), cfg["BLOCK"]),),
@@ -375,23 +382,27 @@ def _triton_backward(grad_out, q, k, v, coords, out, lse, sample, scale, align_c
     """Gradients (q, k, v, coords).  Launches (bf16, per-head coords in the accumulation
     dtype): sample K and Q|V, delta, dK/dV, dQ, 2 x (memset, scatter, cast) = 11; fp32: 9;
     shared coords add one head sum, a coords dtype other than fp32/fp64 one cast."""
-    q, k, v = (_kernel_layout(t) for t in (q, k, v))
+    q, k, v = (_kernel_layout(t, f"layout_{name}") for t, name in ((q, "q"), (k, "k"), (v, "v")))
     c = _prepare_coords(coords, q.dtype)
     batch, heads, d = q.shape[0], q.shape[1], q.shape[-1]
     n = c.shape[-2]
     acc = _acc_dtype(q.dtype)
     # Sampled tokens again (O(N d) pre-pass; cheaper than keeping them alive since forward).
-    ks = _sample_tokens(k, c, align_corners)
-    qs = _sample_tokens(q, c, align_corners) if sample == "qk" else q
-    vs = v if sample == "qk" else _sample_tokens(v, c, align_corners)
+    ks = _sample_tokens(k, c, align_corners, "sampled_k")
+    qs = _sample_tokens(q, c, align_corners, "sampled_qv") if sample == "qk" else q
+    vs = v if sample == "qk" else _sample_tokens(v, c, align_corners, "sampled_qv")
     n_q = qs.shape[2]
     do = grad_out.to(q.dtype).contiguous()
-    delta = _row_dot(do, out)  # rowsum(dO * O): (B, heads, Nq)
+    delta = _row_dot(do, out, "delta")  # rowsum(dO * O): (B, heads, Nq)
     lse = lse.contiguous()
-    # Gradients of sampled tensors stay fp32 for the scatter; the others are final.
-    dks = torch.empty((batch, heads, n, d), device=q.device, dtype=acc)
-    dvs = torch.empty((batch, heads, n, d), device=q.device, dtype=v.dtype if sample == "qk" else acc)
-    dqs = torch.empty((batch, heads, n_q, d), device=q.device, dtype=acc if sample == "qk" else q.dtype)
+    # Gradients of sampled tensors stay fp32 for the scatter (temporaries); the others are final.
+    dks = scratch("grad_sampled_k", (batch, heads, n, d), acc, q.device)
+    if sample == "qk":
+        dvs = torch.empty((batch, heads, n, d), device=q.device, dtype=v.dtype)
+        dqs = scratch("grad_sampled_qv", (batch, heads, n_q, d), acc, q.device)
+    else:
+        dvs = scratch("grad_sampled_qv", (batch, heads, n, d), acc, q.device)
+        dqs = torch.empty((batch, heads, n_q, d), device=q.device, dtype=q.dtype)
     strides = (*qs.stride(), *ks.stride(), *vs.stride())
     common = (heads, n_q, n, d, *_split(scale), *strides)
     _attention_pass("dkv", _attn_bwd_dkv_kernel, n, batch * heads, d, q.dtype, q.device,

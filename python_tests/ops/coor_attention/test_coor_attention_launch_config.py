@@ -17,6 +17,7 @@ import json
 import pytest
 import torch
 
+from coorkern.ops._runtime import host as _host
 from coorkern.ops.coor_attention import launch
 
 ATTENTION_KINDS = ("fwd", "dkv", "dq")
@@ -302,6 +303,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(launch._backend, "triton_interpreter_enabled", lambda: False)
     monkeypatch.delenv(launch.AUTOTUNE_ENV, raising=False)
     monkeypatch.setattr(launch, "_cache", {})
+    monkeypatch.setattr(_host, "_capabilities", {})  # asked once per device: not from an earlier test
 
     def do_bench(fn, warmup, rep):
         state["budgets"].append((warmup, rep))
@@ -382,8 +384,9 @@ def test_pick_keys_on_kind_dtype_precision_and_arch(fake_cuda):
     for kind, dtype, precision in (("dkv", torch.bfloat16, "tf32"), ("dq", torch.float16, "tf32"),
                                    ("dq", torch.bfloat16, "ieee"), ("fwd", torch.float16, "ieee")):
         launch.pick(kind, 32, dtype, precision, 100, cuda, _run(fake_cuda))
-    fake_cuda["capability"] = (8, 0)
-    launch.pick("dq", 32, torch.float16, "tf32", 100, cuda, _run(fake_cuda))
+    cuda1 = torch.device("cuda", 1)  # a second device, of another capability
+    fake_cuda["capabilities"][cuda1] = (8, 0)
+    launch.pick("dq", 32, torch.float16, "tf32", 100, cuda1, _run(fake_cuda))
     assert sorted(launch._cache, key=str) == sorted([
         ("dkv", 32, torch.bfloat16, "tf32", 256, 90), ("dq", 32, torch.float16, "tf32", 256, 90),
         ("dq", 32, torch.bfloat16, "ieee", 256, 90), ("fwd", 32, torch.float16, "ieee", 256, 90),

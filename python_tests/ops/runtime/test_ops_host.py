@@ -111,3 +111,94 @@ def test_plain_eager_is_false_under_torch_compile():
     compiled = torch.compile(lambda t: t + 1 if plain_eager(t) else t - 1, backend="eager", fullgraph=True)
     x = torch.zeros(3)
     assert torch.equal(compiled(x), x - 1) and plain_eager(x)
+
+
+# ---------------------------------------------------------------------------
+# Device queries cached per device, scratch buffers, the central loss's capture guard
+
+
+def test_device_capability_is_asked_once_per_indexed_cuda_device(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (9, 0))
+    monkeypatch.setattr(_host, "_capabilities", {})
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert _host.device_capability(cuda0) == (9, 0) == _host.device_capability(cuda0)
+    assert _host.device_capability(cuda1) == (9, 0) and asked == [cuda0, cuda1]
+    # the current device (no index) may change, a meta tensor's device is no GPU: asked each time
+    for device in (torch.device("cuda"), torch.device("meta")):
+        _host.device_capability(device)
+        _host.device_capability(device)
+    assert len(asked) == 6
+
+
+def test_scratch_is_reused_only_by_direct_launches_outside_a_capture(monkeypatch):
+    monkeypatch.setattr(_host, "_scratch", _host._Scratch())
+    cpu = torch.device("cpu")
+    outside = _host.scratch("r", (2, 3), torch.float32, cpu)
+    assert _host.scratch("r", (2, 3), torch.float32, cpu) is not outside and _host._scratch.buffers == {}
+    with direct_launches():
+        first = _host.scratch("r", (2, 3), torch.float32, cpu)
+        assert _host.scratch("r", (2, 3), torch.float32, cpu) is first  # the same tensor: no ATen call
+        assert _host.scratch("r", (3, 2), torch.float32, cpu).data_ptr() == first.data_ptr()  # same buffer
+        assert _host.scratch("other", (2, 3), torch.float32, cpu).data_ptr() != first.data_ptr()  # one per role
+        assert _host.scratch("r", (2, 3), torch.float64, cpu).dtype == torch.float64
+        grown = _host.scratch("r", (4, 4), torch.float32, cpu)  # larger: a new buffer, >= 1.25x the old
+        assert grown.shape == (4, 4) and _host._scratch.buffers[("r", torch.float32, cpu, 0)][0].numel() == 16
+        small = _host.scratch("r", (2, 3), torch.float32, cpu)
+        assert small.data_ptr() == grown.data_ptr() and small is not first
+        kept = dict(_host._scratch.buffers)
+        monkeypatch.setattr(_host, "capturing", lambda device: True)
+        assert _host.scratch("r", (2, 3), torch.float32, cpu).data_ptr() != grown.data_ptr()
+        assert _host._scratch.buffers == kept  # nothing kept from a capture
+    _host.release_scratch()
+    assert _host._scratch.buffers == {}
+
+
+def test_the_ops_reuse_their_scratch_and_stay_exact(monkeypatch):
+    """Two eager calls of each op: the second takes the first's temporaries and gives the same
+    results (the loss's partial sums; the attention's sampled tokens, delta, fp32 gradients)."""
+    import coorkern
+
+    monkeypatch.setattr(_host, "_scratch", _host._Scratch())
+    logits = torch.randn(2, 3, 9, 11, requires_grad=True)
+    landmarks = torch.rand(2, 3, 2) * 8
+    q, k = (torch.randn(1, 2, 4, 5, 16, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 20, 16, requires_grad=True)
+    coords = (torch.rand(1, 20, 2) * 2 - 1).requires_grad_(True)
+    results = []
+    with coorkern.backend("triton"):
+        for _ in range(2):
+            loss = coorkern.central_loss_from_landmarks(logits, landmarks, sigma=2.0)
+            out = coorkern.coor_attention(q, k, v, coords)
+            grads = torch.autograd.grad(loss + out.sum(), (logits, q, k, v, coords))
+            results.append((loss.detach(), out.detach(), grads))
+            if len(results) == 1:
+                buffers = {key: entry[0].data_ptr() for key, entry in _host._scratch.buffers.items()}
+    roles = {key[0] for key in buffers}
+    assert {"central_loss.partials", "sampled_k", "sampled_qv", "delta", "grad_sampled_k",
+            "grad_sampled_qv"} <= roles, roles
+    assert {key: entry[0].data_ptr() for key, entry in _host._scratch.buffers.items()} == buffers
+    (loss1, out1, grads1), (loss2, out2, grads2) = results
+    assert torch.equal(loss1, loss2) and torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+def test_central_loss_launches_untuned_when_a_capture_meets_a_new_key(monkeypatch):
+    """Timing a config synchronizes, which a CUDA-graph capture refuses: a key the autotuner has not
+    timed launches the hand-picked config inside a capture, and is tuned at its next call outside."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(_host, "_capabilities", {})
+    monkeypatch.setattr(central_loss_launch, "_tuned_keys", set())
+    monkeypatch.setattr(central_loss_launch, "_cuda_kernel", lambda: "autotuner")
+    cuda = torch.device("cuda", 0)
+    capturing = {"now": True}
+    monkeypatch.setattr(central_loss_launch, "capturing", lambda device: capturing["now"])
+    kernel, meta = central_loss_launch._kernel_and_meta(cuda, ("key",))
+    block, warps = central_loss_launch.TUNING_CONFIGS[0]
+    assert kernel is central_loss_launch._central_loss_kernel
+    assert meta == {"ARCH": 90, "BLOCK": block, "num_warps": warps} and central_loss_launch._tuned_keys == set()
+    capturing["now"] = False
+    assert central_loss_launch._kernel_and_meta(cuda, ("key",)) == ("autotuner", {"ARCH": 90})
+    capturing["now"] = True  # tuned before: the autotuner's cached choice, also in a capture
+    assert central_loss_launch._kernel_and_meta(cuda, ("key",)) == ("autotuner", {"ARCH": 90})
+    assert central_loss_launch._kernel_and_meta(cuda, ("other key",))[0] is central_loss_launch._central_loss_kernel
