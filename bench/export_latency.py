@@ -1,7 +1,7 @@
 """Benchmark: CPU latency of the exported detector, per export format, against eager PyTorch.
 
     python bench/export_latency.py [--cases paper512 cpu] [--threads 1 2] [--formats eager torchscript pt2 onnx]
-                                   [--reps 20] [--out FILE.md]
+                                   [--reps 10] [--out FILE.md]
 
 Cases (the coor detector, 19 landmarks, random weights of seed 0, batch 1):
 
@@ -16,14 +16,17 @@ under ``torch.inference_mode`` at each ``--threads`` count: ``eager``, ``torchsc
 heatmap decoding), ``onnx`` the network alone in onnxruntime (its CPU provider with
 ``intra_op_num_threads`` = the thread count; the fused attention lowered to standard
 operators).  The pt2 package sizes its OpenMP buffers at run time (``cpp.dynamic_threads``),
-so ``torch.set_num_threads`` governs it as it does eager.  Prints the median milliseconds
-over ``--reps`` runs after two warm-up runs, and the ratio to eager.
+so ``torch.set_num_threads`` governs it as it does eager.  The formats run round-robin
+(:func:`interleaved_medians`: the machine is shared, and a load that changes midway must
+not favour whichever format ran last); printed: the median milliseconds over ``--reps``
+rounds after two warm-up rounds, and the speed-up over eager.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -76,26 +79,37 @@ def onnx_session(path: str, threads: int):
     return lambda image: session.run(None, {"images": image.numpy()})
 
 
+def interleaved_medians(steps: dict, reps: int) -> dict:
+    """Median seconds per step, the steps run round-robin (two warm-up rounds first) so that a change
+    of load on a shared machine hits every format alike, rather than whichever ran last."""
+    times = {name: [] for name in steps}
+    for round_index in range(2 + reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_index >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args(argv)
-    cpu = torch.device("cpu")
     header = ["case", "threads", *(f"{fmt} ms" for fmt in args.formats)]
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory() as folder:
         for case in args.cases:
             runners = export_runners(case, args.formats, folder)
-            size, _ = CASES[case]
+            size, base = CASES[case]
             image = torch.rand(1, 1, *size, generator=torch.Generator().manual_seed(0))
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                cells = []
-                eager_ms = None
+                steps = {}
                 for fmt in args.formats:
                     run = onnx_session(runners[fmt], threads) if fmt == "onnx" else runners[fmt]
 
@@ -103,13 +117,15 @@ def main(argv=None) -> None:
                         with torch.inference_mode():
                             run(image)
 
-                    ms = _common.measure(step, cpu, warmup=2, reps=args.reps)[0] * 1e3
-                    eager_ms = ms if fmt == "eager" else eager_ms
-                    ratio = f" ({eager_ms / ms:.2f}x)" if eager_ms and fmt != "eager" else ""
-                    cells.append(f"{ms:.1f}{ratio}")
-                _common.add_row(rows, [f"{case} {size[0]}x{size[1]}, base {CASES[case][1]}", str(threads), *cells])
-    caption = (f"Exported detector latency on CPU ({_common.device_name(cpu).rsplit(',', 1)[0]}, torch "
-               f"{torch.__version__}); median of {args.reps} runs, batch 1; (Nx) = speed-up over eager")
+                    steps[fmt] = step
+                medians = interleaved_medians(steps, args.reps)
+                eager = medians.get("eager")
+                cells = [f"{medians[fmt] * 1e3:.1f}" + (f" ({eager / medians[fmt]:.2f}x)" if eager and fmt != "eager"
+                                                        else "") for fmt in args.formats]
+                _common.add_row(rows, [f"{case} {size[0]}x{size[1]}, base {base}", str(threads), *cells])
+    caption = (f"Exported detector latency on CPU ({_common.device_name(torch.device('cpu')).rsplit(',', 1)[0]}, "
+               f"torch {torch.__version__}); median of {args.reps} interleaved runs, batch 1; (Nx) = speed-up "
+               f"over eager")
     _common.report_table(caption, header, rows, args.out)
 
 

@@ -43,8 +43,9 @@ def weighted_bce_loss(logits: torch.Tensor, landmarks: torch.Tensor, sigma: floa
     """BCE with the positive term weighted by ``H*W / (2 pi sigma^2)``, the background/peak area ratio."""
     h, w = logits.shape[-2:]
     ratio = h * w / (2 * math.pi * sigma * sigma)
-    return F.binary_cross_entropy_with_logits(logits, _targets(logits, landmarks, sigma),
-                                              pos_weight=logits.new_tensor(ratio))
+    # torch.full, not new_tensor: a fill on the device, no host-to-device copy in a training step.
+    pos_weight = torch.full((), ratio, dtype=logits.dtype, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits, _targets(logits, landmarks, sigma), pos_weight=pos_weight)
 
 
 def focal_loss(logits: torch.Tensor, landmarks: torch.Tensor, sigma: float, gamma: float = 2.0) -> torch.Tensor:

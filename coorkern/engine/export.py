@@ -26,8 +26,9 @@ any other model and learn its input size.
 Every export is checked before it is reported done: the written file is loaded back and
 run on a fixed sample, its logits must match the eager model's within
 :data:`LOGIT_TOLERANCE` and its landmarks must be the decoding of its own logits within
-:data:`COORD_TOLERANCE_PX`; otherwise :class:`ExportMismatchError`.  A combination that
-cannot work here raises :class:`ExportUnsupportedError` naming what is missing.
+:data:`COORD_TOLERANCE_PX`; otherwise the file is deleted and :class:`ExportMismatchError`
+raised.  A combination that cannot work here raises :class:`ExportUnsupportedError` naming
+what is missing.
 """
 
 from __future__ import annotations
@@ -233,8 +234,17 @@ def pt2_unsupported_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def _check(run: Callable, wrapper: DetectorForExport, sample: torch.Tensor, what: str) -> dict:
-    """Run the loaded artefact ``run`` and the eager ``wrapper`` on ``sample``; raise on a mismatch."""
+def _check(run: Callable, wrapper: DetectorForExport, sample: torch.Tensor, path: PathLike) -> dict:
+    """Run the artefact ``run`` loaded from ``path`` and the eager ``wrapper`` on ``sample``; on a mismatch,
+    delete the file (nothing unusable is left behind) and raise."""
+    try:
+        return _compare(run, wrapper, sample, f"export {os.fspath(path)}")
+    except ExportMismatchError:
+        os.remove(path)
+        raise
+
+
+def _compare(run: Callable, wrapper: DetectorForExport, sample: torch.Tensor, what: str) -> dict:
     with torch.no_grad():
         _, _, expected = wrapper(sample)
         coords, confidence, logits = run(sample)
@@ -248,11 +258,11 @@ def _check(run: Callable, wrapper: DetectorForExport, sample: torch.Tensor, what
         raise ExportMismatchError(
             f"{what}: the exported model's logits differ from the eager model's on the check sample "
             f"(max |difference| {report['max_logit_error']:.3g}, allowed {LOGIT_TOLERANCE['atol']} + "
-            f"{LOGIT_TOLERANCE['rtol']} * |eager|); the file is not usable")
+            f"{LOGIT_TOLERANCE['rtol']} * |eager|); the file was deleted")
     if not coord_error <= COORD_TOLERANCE_PX or not confidence_error <= 1e-4:
         raise ExportMismatchError(
             f"{what}: the exported model's landmarks are not the decoding of its logits on the check sample "
-            f"(max |difference| {coord_error:.3g} px, confidence {confidence_error:.3g}); the file is not usable")
+            f"(max |difference| {coord_error:.3g} px, confidence {confidence_error:.3g}); the file was deleted")
     return report
 
 
@@ -273,8 +283,7 @@ def to_torchscript(model: torch.nn.Module, path: PathLike, image_size: Sequence[
         torch.jit.save(traced, os.fspath(path),
                        _extra_files={METADATA_FILE: "".join(f"{k}={v}\n" for k, v in metadata.items())})
         loaded = torch.jit.load(os.fspath(path), map_location=device)
-        report = _check(loaded, wrapper, _example(model, image_size, batch_size, device, seed=0),
-                        f"TorchScript export {os.fspath(path)}")
+        report = _check(loaded, wrapper, _example(model, image_size, batch_size, device, seed=0), path)
     return {"path": os.fspath(path), "coorkern_ops": ops, "metadata": metadata, **report}
 
 
@@ -305,8 +314,7 @@ def to_pt2(model: torch.nn.Module, path: PathLike, image_size: Sequence[int], *,
         written = torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path),
                                                            inductor_configs=_pt2_configs(metadata))
         loaded = torch._inductor.aoti_load_package(written)
-        report = _check(loaded, wrapper, _example(model, image_size, batch_size, device, seed=0),
-                        f"pt2 export {os.fspath(path)}")
+        report = _check(loaded, wrapper, _example(model, image_size, batch_size, device, seed=0), written)
     return {"path": os.fspath(written), "coorkern_ops": ops, "metadata": metadata, **report}
 
 

@@ -129,6 +129,7 @@ def test_the_export_check_fails_loudly_on_a_mismatch(tmp_path, monkeypatch, outp
     perturbed_loader(monkeypatch, output, delta)
     with pytest.raises(exporter.ExportMismatchError, match=message):
         exporter.to_torchscript(tiny_detector(), tmp_path / "detector.pt", IMAGE_SIZE)
+    assert not (tmp_path / "detector.pt").exists()  # no unusable file left behind
 
 
 @needs_cpp

@@ -138,15 +138,10 @@ def test_a_host_read_in_the_step_is_seen(tmp_path, monkeypatch):
     assert seen == {"aten::lift_fresh": 1}
 
 
-def _known_host_copy(where):
-    return pytest.mark.xfail(strict=True, reason=f"a tensor from host values per step: {where}")
-
-
 @pytest.mark.parametrize("extra", [
     ["--amp", "bf16"], ["--loss", "bce"], ["--loss", "focal"], ["--coord-groups", "2"], ["--position", "linear"],
     ["--transformer", "vanilla", "--vanilla-position", "sincos"],
-    pytest.param(["--loss", "wbce"], marks=_known_host_copy("losses.weighted_bce_loss, pos_weight=new_tensor")),
-    pytest.param(["--position", "fourier"], marks=_known_host_copy("models.positions.fourier_features, new_tensor")),
+    ["--loss", "wbce"], ["--position", "fourier"],
 ])
 def test_options_keep_the_step_sync_free(tmp_path, extra):
     run, batches = tiny_run(tmp_path, "coor", *extra)
