@@ -21,7 +21,7 @@ COMMANDS = {  # name: (module, one line for the overview)
     "evaluate": ("coorkern.evaluate", "MRE/SDR and uncertainty coverage of a checkpoint on a data split"),
     "predict": ("coorkern.predict", "landmarks with uncertainty radii for image files, folders or globs"),
     "experiments": ("coorkern.experiments", "the paper's loss/r/transformer studies as sets of training runs"),
-    "export": ("coorkern.export", "write a checkpoint's model as ONNX (standard operators only)"),
+    "export": ("coorkern.export", "write a checkpoint's model as ONNX, TorchScript or a pt2 package"),
     "info": ("coorkern.info", "versions, usable backends, CPU features, the default training profile here"),
 }
 

@@ -5,7 +5,7 @@
 * :mod:`~coorkern.engine.inference` -- predictions and metrics on a data set, a checkpoint's evaluation;
 * :mod:`~coorkern.engine.predictor` -- landmarks for image files of any size, in pixels and mm;
 * :mod:`~coorkern.engine.studies` -- the paper's studies as sets of training runs, and their report;
-* :mod:`~coorkern.engine.onnx_export` -- ONNX export with standard operators only;
+* :mod:`~coorkern.engine.export` -- export as ONNX (standard operators), TorchScript or a pt2 (AOTInductor) package;
 * :mod:`~coorkern.engine.checkpoints`, :mod:`~coorkern.engine.files`, :mod:`~coorkern.engine.overlays`
   -- what a run folder holds: checkpoints, atomically written files, overlay PNGs;
 * :mod:`~coorkern.engine.profiles`, :mod:`~coorkern.engine.config`, :mod:`~coorkern.engine.cli_args`,

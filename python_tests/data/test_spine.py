@@ -32,6 +32,12 @@ def _labels(root, folder="training"):
 # Fixtures in the distributed layout
 
 
+def _records_fail(root, pattern):
+    """``spine_records(root, "train")`` raises a DatasetFormatError matching ``pattern``."""
+    with pytest.raises(data.DatasetFormatError, match=pattern):
+        data.spine_records(root, "train")
+
+
 @pytest.mark.parametrize("with_csv", [True, False], ids=["mat+csv", "mat-only"])
 def test_spine_records_from_mat_files_with_or_without_landmarks_csv(tmp_path, with_csv):
     truth = spine_fixture(tmp_path, NAMES, csv=with_csv)
@@ -96,8 +102,7 @@ def test_spine_truncated_csv_row_names_file_and_row(tmp_path, csv_name, count):
         data.spine_records(tmp_path, "train")
     rows[2] = ",".join(["1"] * (count - 1) + [""])
     table.write_text("\n".join(rows) + "\n")
-    with pytest.raises(data.DatasetFormatError, match=rf"{re.escape(csv_name)}, line 3: missing or non-finite"):
-        data.spine_records(tmp_path, "train")
+    _records_fail(tmp_path, rf"{re.escape(csv_name)}, line 3: missing or non-finite")
 
 
 @pytest.mark.parametrize("csv_name", ["landmarks.csv", "angles.csv"])
@@ -110,8 +115,7 @@ def test_spine_csv_with_fewer_or_more_rows_than_filenames(tmp_path, csv_name):
                                                       r"filenames\.csv names 3 images \(row 3 is missing\)"):
         data.spine_records(tmp_path, "train")
     table.write_text("\n".join(rows + [rows[0]]) + "\n")
-    with pytest.raises(data.DatasetFormatError, match=r"row 4 has no image"):
-        data.spine_records(tmp_path, "train")
+    _records_fail(tmp_path, r"row 4 has no image")
 
 
 def test_spine_mat_file_missing_truncated_or_of_the_wrong_shape(tmp_path):
@@ -123,24 +127,19 @@ def test_spine_mat_file_missing_truncated_or_of_the_wrong_shape(tmp_path):
     for p2, problem in ((np.zeros((68, 3)), r"shape \(68, 3\)"), (np.zeros((17, 2)), r"shape \(17, 2\)"),
                         (np.zeros((2, 68)), r"shape \(2, 68\)")):
         scipy.io.savemat(str(mat), {"p2": p2})
-        with pytest.raises(data.DatasetFormatError, match=rf"{where}: 'p2' must be a 68 x 2 .*{problem}"):
-            data.spine_records(tmp_path, "train")
+        _records_fail(tmp_path, rf"{where}: 'p2' must be a 68 x 2 .*{problem}")
     scipy.io.savemat(str(mat), {"pts": np.zeros((68, 2))})
-    with pytest.raises(data.DatasetFormatError, match=rf"{where}: no array 'p2' \(found \['pts'\]\)"):
-        data.spine_records(tmp_path, "train")
+    _records_fail(tmp_path, rf"{where}: no array 'p2' \(found \['pts'\]\)")
     scipy.io.savemat(str(mat), {"p2": np.zeros((68, 2))})
     mat.write_bytes(mat.read_bytes()[:150])  # truncated
-    with pytest.raises(data.DatasetFormatError, match=rf"{where}: cannot read the MATLAB file"):
-        data.spine_records(tmp_path, "train")
+    _records_fail(tmp_path, rf"{where}: cannot read the MATLAB file")
     mat.write_bytes(b"not a MATLAB file at all")
-    with pytest.raises(data.DatasetFormatError, match=rf"{where}: cannot read the MATLAB file"):
-        data.spine_records(tmp_path, "train")
+    _records_fail(tmp_path, rf"{where}: cannot read the MATLAB file")
     mat.unlink()
     for landmarks_csv in (True, False):  # the .mat file is required even where landmarks.csv has the row
         if not landmarks_csv:
             (_labels(tmp_path) / "landmarks.csv").unlink()
-        with pytest.raises(data.DatasetFormatError, match=rf"{where}: landmark file not found"):
-            data.spine_records(tmp_path, "train")
+        _records_fail(tmp_path, rf"{where}: landmark file not found")
 
 
 def test_spine_row_without_an_image_warns_or_raises_with_strict(tmp_path):
@@ -168,14 +167,11 @@ def test_spine_filenames_csv_errors(tmp_path):
     spine_fixture(tmp_path, NAMES)
     names = _labels(tmp_path) / "filenames.csv"
     names.write_text(f"{NAMES[0]}\n\n{NAMES[1]}\n{NAMES[2]}\n")
-    with pytest.raises(data.DatasetFormatError, match=r"filenames\.csv, line 2: empty line"):
-        data.spine_records(tmp_path, "train")
+    _records_fail(tmp_path, r"filenames\.csv, line 2: empty line")
     names.write_text(f"{NAMES[0]}\n{NAMES[1]}\n{NAMES[0]}\n")
-    with pytest.raises(data.DatasetFormatError, match=r"filenames\.csv, line 3: image .* listed twice"):
-        data.spine_records(tmp_path, "train")
+    _records_fail(tmp_path, r"filenames\.csv, line 3: image .* listed twice")
     names.unlink()
-    with pytest.raises(data.DatasetFormatError, match=r"filenames\.csv: annotation file not found"):
-        data.spine_records(tmp_path, "train")
+    _records_fail(tmp_path, r"filenames\.csv: annotation file not found")
 
 
 def test_spine_splits_train_test_and_unknown(tmp_path):

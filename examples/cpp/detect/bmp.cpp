@@ -51,7 +51,8 @@ GreyImage read_grey_bmp(const std::string& path) {
   if (entries > 256 || palette_at + 4 * entries > b.size()) throw fail("truncated or invalid BMP palette");
   std::vector<float> grey(256, 0.0f);
   for (size_t i = 0; i < entries; ++i) {
-    const unsigned char blue = b[palette_at + 4 * i], green = b[palette_at + 4 * i + 1], red = b[palette_at + 4 * i + 2];
+    const unsigned char* entry = b.data() + palette_at + 4 * i;  // blue, green, red, reserved
+    const unsigned char blue = entry[0], green = entry[1], red = entry[2];
     if (red != green || green != blue) {
       throw fail("a colour-palette image (3 channels); the detector takes grey images (1 channel): convert it to grey");
     }
