@@ -67,11 +67,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from coorkern import data as data_mod
-from coorkern.engine.checkpoints import best_checkpoint_or_error, model_from_checkpoint
+from coorkern.engine.checkpoints import model_from_checkpoint
 from coorkern.engine.cli_args import HelpFormatter, positive_float, positive_int
 from coorkern.engine.files import write_json
-from coorkern.engine.inference import device_or_error, evaluation_data
+from coorkern.engine.inference import add_evaluation_options, evaluation_setup_or_error
 from coorkern.models.attention_probe import (AttentionCapture, AttentionRows, attention_blocks, capture_attention,
                                              pixels_to_cells, token_centres)
 
@@ -85,19 +84,13 @@ QUERY_CHUNK = 1024  # queries whose attention rows are held at once
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/attention_maps.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (uses checkpoint_best.pt)")
-    p.add_argument("--data", choices=data_mod.DATASETS, help="dataset (default: the one the model was trained on)")
-    p.add_argument("--root", help="dataset folder (default: the training run's)")
-    p.add_argument("--split", help="split (default: the training run's test split)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="input size (default: the training size)")
+    add_evaluation_options(p)  # --checkpoint, --data, --root, --split, --image-size, --device
     p.add_argument("--images", type=positive_int, default=4, help="images of the split to average over")
     p.add_argument("--radius", type=positive_float, default=2.0, help="radius around each landmark")
     p.add_argument("--radius-unit", choices=("cells", "pixels"), default="cells",
                    help="radius in token cells of each block, or in input pixels")
     p.add_argument("--stage", type=int, choices=range(4), help="decoder stage of the figures "
                    "(0 = 1/16 ... 3 = 1/2; its last block); default: the finest with attention")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--out", required=True, help="output folder")
     return p
 
@@ -289,12 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Measure, write ``attention.json`` and the figures, print a table; returns the JSON's content."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    ckpt = best_checkpoint_or_error(parser, args.checkpoint)
-    try:
-        target = evaluation_data(ckpt, args.data, args.root, args.split, args.image_size)
-    except (ValueError, data_mod.DatasetFormatError) as exc:
-        parser.error(str(exc))
-    device = device_or_error(parser, args.device)
+    ckpt, target, device = evaluation_setup_or_error(parser, args)
     model = model_from_checkpoint(ckpt, device)
     try:
         figure_block = figure_block_name(model, args.stage)
