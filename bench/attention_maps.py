@@ -7,7 +7,8 @@
 ``RUN`` is a checkpoint file or a run folder (its ``checkpoint_best.pt``); the data set
 defaults to the run's own (root, test split, training size), as ``coorkern evaluate``.
 For the first ``N`` images of the split the detector runs once with every attention call
-captured (:mod:`coorkern.models.attention_probe`), and each block's attention
+captured (:mod:`coorkern.models.attention_probe`; the numbers:
+:mod:`coorkern.engine.attention_focus`), and each block's attention
 probabilities are computed eagerly from the tensors it attended with -- the sampled Q/K for
 ``coor``, the sampled K/V for ``deformable``, the tokens for ``vanilla``, the
 within-window softmax with its bias and mask for ``swin`` -- a chunk of queries at a time
@@ -58,7 +59,6 @@ coordinates (orange x) and the positions of its most attended keys (white dots) 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 from pathlib import Path
@@ -71,14 +71,13 @@ from coorkern.engine.checkpoints import model_from_checkpoint
 from coorkern.engine.cli_args import HelpFormatter, positive_float, positive_int
 from coorkern.engine.files import write_json
 from coorkern.engine.inference import add_evaluation_options, evaluation_setup_or_error
-from coorkern.models.attention_probe import (AttentionCapture, AttentionRows, attention_blocks, capture_attention,
-                                             pixels_to_cells, token_centres)
+from coorkern.engine.attention_focus import BlockStatistics, measure
+from coorkern.models.attention_probe import AttentionRows, attention_blocks, pixels_to_cells, token_centres
 
-__all__ = ["BlockStatistics", "build_parser", "main", "measure"]
+__all__ = ["build_parser", "draw_figure", "main"]
 
 FIGURE_QUERIES = 3  # landmarks whose query tokens a figure shows
 TOP_KEYS = 8  # most attended keys marked per head in a figure
-QUERY_CHUNK = 1024  # queries whose attention rows are held at once
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,69 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class BlockStatistics:
-    """Running sums of one block's measurements over images."""
-
-    def __init__(self, capture: AttentionCapture, radius: float, unit: str) -> None:
-        block = capture.block
-        self.block, self.kind = block, capture.kind
-        self.grid = capture.grid
-        self.radius_cells = radius if unit == "cells" else radius / block.token_stride
-        self.entropy = self.mass = self.share = 0.0
-        self.rows = self.share_rows = 0
-        self.error = 0.0
-        self.displacements: list[np.ndarray] = []
-
-    def add(self, rows: AttentionRows, landmarks_px: torch.Tensor) -> None:
-        """Accumulate image ``rows.item`` with its ``(L, 2)`` landmarks in input pixels (NaN: missing)."""
-        near = self.near_landmarks(rows.key_cells, landmarks_px)  # (heads, N)
-        for queries, probabilities in rows.chunks(QUERY_CHUNK):
-            self.entropy -= float(torch.special.xlogy(probabilities, probabilities).sum())
-            self.mass += float((probabilities @ near.float()[..., None]).sum())
-            self.rows += probabilities.shape[0] * probabilities.shape[1]
-            self.error = max(self.error, rows.output_error(queries, probabilities))
-        self.share += float(near.float().mean(-1).sum())
-        self.share_rows += near.shape[0]
-        if rows.capture.coords is not None:
-            reference = token_centres(*self.grid, device=rows.key_cells.device)
-            self.displacements.append((rows.key_cells - reference).norm(dim=-1).flatten().cpu().numpy())
-
-    def near_landmarks(self, key_cells: torch.Tensor, landmarks_px: torch.Tensor) -> torch.Tensor:
-        """``(heads, N)``: whether each key lies within the radius of a (known) landmark."""
-        known = landmarks_px[~torch.isnan(landmarks_px).any(-1)]
-        cells = pixels_to_cells(known.to(key_cells.device), self.block.token_stride)
-        if cells.shape[0] == 0:
-            return torch.zeros(key_cells.shape[:2], dtype=torch.bool, device=key_cells.device)
-        distances = torch.cdist(key_cells, cells.expand(key_cells.shape[0], -1, -1))
-        return (distances <= self.radius_cells).any(-1)
-
-    def report(self) -> dict:
-        attention = self.block.attention
-        height, width = self.grid
-        tokens = height * width
-        mass, share = self.mass / self.rows, self.share / self.share_rows
-        row = {
-            "name": self.block.name, "stage": self.block.stage, "block": self.block.index, "kind": self.kind,
-            "heads": attention.heads,
-            "coord_groups": attention.coordinates.groups if attention.coordinates is not None else None,
-            "token_grid": [height, width], "tokens": tokens, "token_stride_px": self.block.token_stride,
-            "radius_cells": self.radius_cells, "radius_px": self.radius_cells * self.block.token_stride,
-            "displacement_cells": None,
-            "entropy": self.entropy / self.rows, "uniform_entropy": math.log(tokens),
-            "landmark_mass": mass, "landmark_area_share": share,
-            "landmark_mass_ratio": mass / share if share > 0 else None,
-            "output_max_abs_error": self.error,
-        }
-        if self.kind == "swin":
-            wh, ww, _, _ = attention.layout(height, width)
-            row["window_tokens"] = wh * ww
-        if self.displacements:
-            values = np.concatenate(self.displacements)
-            row["displacement_cells"] = {"mean": float(values.mean()), "p95": float(np.percentile(values, 95)),
-                                         "max": float(values.max())}
-        return row
-
-
 def figure_block_name(model, stage: Optional[int]) -> Optional[str]:
     """The block a figure shows: the last block of ``stage`` (default: the finest stage with attention)."""
     blocks = attention_blocks(model)
@@ -167,29 +103,6 @@ def figure_block_name(model, stage: Optional[int]) -> Optional[str]:
             raise ValueError(f"--stage {stage}: decoder stage {stage} has no transformer block "
                              f"(depths={list(model.depths)})")
     return blocks[-1].name if blocks else None
-
-
-def measure(model, dataset, count: int, *, radius: float = 2.0, unit: str = "cells", device="cpu",
-            figure_block: Optional[str] = None, out=None) -> tuple[list[dict], list[str], list[Path]]:
-    """Statistics of every attention block over the first ``count`` images of ``dataset``.
-
-    Returns the per-block rows of ``attention.json``, the image ids, and the figure paths
-    (one per image, of ``figure_block``, written to ``out``).
-    """
-    statistics: dict[str, BlockStatistics] = {}
-    ids, figures = [], []
-    for index in range(min(count, len(dataset))):
-        item = dataset[index]
-        ids.append(str(item["id"]))
-        _, captures = capture_attention(model, item["image"][None].to(device))
-        for capture in captures:
-            name = capture.block.name
-            stats = statistics.setdefault(name, BlockStatistics(capture, radius, unit))
-            rows = AttentionRows(capture, 0)
-            stats.add(rows, item["landmarks"])
-            if name == figure_block and out is not None:
-                figures.append(draw_figure(Path(out) / f"attention_{_safe(item['id'])}.png", item, rows, stats))
-    return [s.report() for s in statistics.values()], ids, figures
 
 
 def _safe(name) -> str:
@@ -298,8 +211,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(report["message"])
         report.update(images=0, image_ids=[], figures=[], stages=[])
     else:
-        stages, ids, figures = measure(model, target.dataset, args.images, radius=args.radius, unit=args.radius_unit,
-                                       device=device, figure_block=figure_block, out=out)
+        figures = []
+
+        def draw(item: dict, rows: AttentionRows, stats: BlockStatistics) -> None:
+            if stats.block.name == figure_block:
+                figures.append(draw_figure(out / f"attention_{_safe(item['id'])}.png", item, rows, stats))
+
+        stages, ids = measure(model, target.dataset, args.images, radius=args.radius, unit=args.radius_unit,
+                              device=device, visit=draw)
         report.update(images=len(ids), image_ids=ids, figures=[str(f) for f in figures], stages=stages)
         print(format_table(report))
     write_json(out / "attention.json", report)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from coorkern import experiments  # noqa: E402
 from coorkern.engine import profiles  # noqa: E402
-from coorkern.engine.studies import format_mean_std, format_p  # noqa: E402
+from coorkern.engine.study_report import format_mean_std, format_p  # noqa: E402
 
 _CPU = profiles.PROFILES["cpu"]
 # (H, W, base channels, epochs); the first is the profile itself.  Epochs chosen so that a

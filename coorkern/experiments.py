@@ -33,7 +33,8 @@ images are not needed -- unless ``--isbi-protocol paper`` (train on 1-150 less t
 validation part ``coorkern train`` carves from it, 136-150; evaluate on 151-400).
 ``--data spine`` uses the spine's development holdout: ``holdout_train`` / ``holdout_val``
 / ``holdout_test`` (361 / 40 / 80 images, case-disjoint), and the report adds the Cobb
-angles' SMAPE.  The planning, running and reporting is :mod:`coorkern.engine.studies`.
+angles' SMAPE.  The planning and running is :mod:`coorkern.engine.studies`, the report
+:mod:`coorkern.engine.study_report`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from .engine.cli_args import HelpFormatter, description, positive_int, prog
 from .engine.config import add_config_option, parse_with_config, plain_options, write_config
 from .engine.profiles import PROFILE_CHOICES
 from .engine.studies import (READING_VARIANTS, STUDIES, check_same_options, common_train_args, plan_runs, run_all,
-                             selected_variants, studies_of, write_report)
+                             selected_variants, studies_of)
+from .engine.study_report import write_report
 
 __all__ = ["build_parser", "main"]
 

@@ -1,14 +1,12 @@
-"""The paper's studies as sets of training runs: planning, running, evaluating, reporting.
+"""The paper's studies as sets of training runs: the variants, planning and running them.
 
 A study (:data:`STUDIES`: the losses of Table II, the central loss exponent r of
 Table III, the decoder transformers of Table IV) is a set of variants, each trained with
 several seeds.  :func:`plan_runs` turns the chosen variants into distinct runs (settings
 two studies share are trained once), :func:`run_all` trains the unfinished ones as
 ``python -m coorkern.train`` subprocesses (resuming interrupted ones), and
-:func:`write_report` evaluates every finished run's best checkpoint and writes
-``report.md``/``report.json`` with mean +- std over seeds, paired t-tests against the
-study's reference variant, box plots and validation-loss curves.  ``coorkern
-experiments`` is the command over it.
+:mod:`coorkern.engine.study_report` evaluates every finished run's best checkpoint and
+writes the report.  ``coorkern experiments`` is the command over both.
 
 Besides the paper's variants, the transformer study has extra ones that only run when
 ``--variants`` names them (:data:`READING_VARIANTS`): the coordinate attention with one
@@ -28,9 +26,7 @@ Splits, fixed and listed (checkpoint selection never on the reported images):
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -43,15 +39,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .. import data as data_mod
-from .checkpoints import load_checkpoint
 from .files import atomic_write_bytes, write_json
-from .inference import evaluate_checkpoint, evaluation_data, resolve_device
 from .profiles import PROFILES
 from .trainer import READING_OPTIONS
 
 __all__ = ["STUDIES", "READING_VARIANTS", "ISBI_HOLDOUT", "StudyRun", "run_name", "studies_of", "selected_variants",
-           "plan_runs", "train_command", "common_train_args", "check_same_options", "run_all", "summarize", "format_p", "format_mean_std",
-           "study_table", "plot_study", "write_report"]
+           "plan_runs", "train_command", "common_train_args", "check_same_options", "run_all"]
 
 # The folder that holds the coorkern package: the training subprocesses import this checkout's coorkern.
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -77,6 +70,8 @@ STUDIES = {
         "reference": "coor",
         "variants": {t: dict(transformer=t, loss="central", r=2.0)
                      for t in ("none", "vanilla", "swin", "deformable", "coor")},
+        # The target of the coordinate readings: better than no transformer and than plain attention.
+        "compare": ["none", "vanilla"],
     },
 }
 
@@ -205,19 +200,6 @@ def _execute(run: StudyRun, common: Sequence[str], threads: int) -> dict:
     return {"run": run, "kind": kind, "returncode": code, "wall_s": wall}
 
 
-def _evaluate(run: StudyRun) -> Optional[dict]:
-    """Per-image errors of the run's best checkpoint (``eval/metrics.json``, written once)."""
-    path = run.folder / "eval" / "metrics.json"
-    if not path.is_file():
-        try:
-            ckpt = load_checkpoint(run.folder / "checkpoint_best.pt")
-            evaluate_checkpoint(ckpt, evaluation_data(ckpt), path.parent, device=resolve_device("auto"))
-        except (FileNotFoundError, ValueError, data_mod.DatasetFormatError) as exc:
-            print(f"evaluation of {run.folder} failed: {exc}", file=sys.stderr)
-            return None
-    return json.loads(path.read_text())
-
-
 def common_train_args(args) -> list:
     """The training options every run of the study shares, from the study's parsed options ``args``."""
     common = ["--profile", args.profile]
@@ -306,232 +288,3 @@ def run_all(runs: list, common: Sequence[str], jobs: int, threads: int) -> list:
                   f"log {run.folder / 'train.log'}", flush=True)
             results.append(result)
     return results
-
-
-# ---------------------------------------------------------------------------
-# Report
-
-
-def _run_summary(run: StudyRun) -> Optional[dict]:
-    """Metrics, per-image MRE, validation-loss curve and timings of a finished run."""
-    if not run.finished:
-        return None
-    evaluation = _evaluate(run)
-    if evaluation is None:
-        return None
-    history = json.loads((run.folder / "metrics.json").read_text())
-    record_path = run.folder / "experiment.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    per_image = {p["id"]: float(np.nanmean(np.asarray(p["errors"], dtype=float))) for p in evaluation["predictions"]}
-    overall = evaluation["metrics"]["overall"]
-    return {
-        "folder": str(run.folder),
-        "mre": overall["mre"],
-        "sdr": overall["sdr"],
-        "unit": evaluation["metrics"]["unit"],
-        "thresholds": evaluation["metrics"]["thresholds"],
-        "smape": (evaluation.get("cobb") or {}).get("smape"),  # spine: Cobb-angle SMAPE (%)
-        "per_image_mre": per_image,
-        "val_loss": [row.get("val_loss") for row in history],
-        "epochs": len(history),
-        "wall_s": record.get("wall_s"),
-        "train_time_s": sum(row["epoch_time_s"] for row in history),
-        "images_per_s": float(np.mean([row["images_per_s"] for row in history])),
-    }
-
-
-def _mean_std(values: Sequence[float]) -> dict:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    if arr.size == 0:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else None, "n": int(arr.size)}
-
-
-def summarize(variants: dict, runs: list) -> dict:
-    """``{study: {"reference", "title", "variants": {name: stats}}}`` from the finished runs."""
-    from scipy import stats
-
-    by_key = {(r.name, r.seed): r for r in runs}
-    cache: dict = {}
-    report = {}
-    for study, per_study in variants.items():
-        rows = {}
-        for variant, settings in per_study.items():
-            name = run_name(settings)
-            seeds = sorted(s for (n, s) in by_key if n == name)
-            done = {}
-            for seed in seeds:
-                key = (name, seed)
-                if key not in cache:
-                    cache[key] = _run_summary(by_key[key])
-                if cache[key] is not None:
-                    done[seed] = cache[key]
-            if not done:
-                rows[variant] = {"run": name, "seeds": [], "missing": seeds}
-                continue
-            thresholds = next(iter(done.values()))["thresholds"]
-            ids = sorted(set.intersection(*(set(d["per_image_mre"]) for d in done.values())))
-            per_image = {i: float(np.mean([d["per_image_mre"][i] for d in done.values()])) for i in ids}
-            curves = [d["val_loss"] for d in done.values()]
-            length = min(len(c) for c in curves)
-            rows[variant] = {
-                "run": name,
-                "settings": settings,
-                "seeds": sorted(done),
-                "missing": [s for s in seeds if s not in done],
-                "unit": next(iter(done.values()))["unit"],
-                "thresholds": thresholds,
-                "mre": _mean_std([d["mre"] for d in done.values()]),
-                "sdr": {t: _mean_std([d["sdr"][t] for d in done.values()]) for t in next(iter(done.values()))["sdr"]},
-                "smape": _mean_std([d.get("smape") for d in done.values()]),
-                "wall_s": _mean_std([d["wall_s"] for d in done.values()]),
-                "images_per_s": _mean_std([d["images_per_s"] for d in done.values()]),
-                "per_image_mre": per_image,
-                "val_loss": [float(np.mean([c[e] for c in curves])) for e in range(length)],
-                "folders": [d["folder"] for d in done.values()],
-            }
-        reference = STUDIES[study]["reference"]
-        ref = rows.get(reference, {}).get("per_image_mre")
-        for variant, row in rows.items():
-            row["p_value"] = None
-            if ref is None or variant == reference or not row.get("per_image_mre"):
-                continue
-            ids = sorted(set(ref) & set(row["per_image_mre"]))
-            a = np.array([row["per_image_mre"][i] for i in ids])
-            b = np.array([ref[i] for i in ids])
-            if len(ids) > 1 and np.any(a != b):
-                row["p_value"] = float(stats.ttest_rel(a, b).pvalue)
-                row["paired_images"] = len(ids)
-        report[study] = {"title": STUDIES[study]["title"], "reference": reference, "variants": rows}
-    return report
-
-
-def format_p(p: Optional[float]) -> str:
-    """A p-value the way the paper marks it: ** below 5e-5, * below 0.05."""
-    if p is None or not math.isfinite(p):
-        return "n/a"
-    mark = " (**)" if p < 5e-5 else (" (*)" if p < 0.05 else "")
-    return f"{p:.2g}{mark}"
-
-
-def format_mean_std(stat: dict, scale: float = 1.0, digits: int = 2) -> str:
-    """``mean ± std`` of a summary statistic (times ``scale``); ``n/a`` where no run gave a value."""
-    if stat.get("mean") is None:
-        return "n/a"
-    text = f"{stat['mean'] * scale:.{digits}f}"
-    return text + (f" ± {stat['std'] * scale:.{digits}f}" if stat.get("std") is not None else "")
-
-
-def study_table(study: dict) -> str:
-    rows = [(v, r) for v, r in study["variants"].items() if r.get("seeds")]
-    if not rows:
-        return "_no finished runs yet_\n"
-    unit, thresholds = rows[0][1]["unit"], rows[0][1]["thresholds"]
-    sdr_keys = list(rows[0][1]["sdr"])
-    smape = any((r.get("smape") or {}).get("mean") is not None for _, r in rows)
-    head = (["variant", "seeds", f"MRE ({unit})"] + [f"SDR {t:g} {unit} (%)" for t in thresholds]
-            + (["Cobb SMAPE (%)"] if smape else [])
-            + [f"p vs {study['reference']}", "wall time / run (min)", "train img/s"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for variant, r in rows:
-        cells = [variant + (" (ref.)" if variant == study["reference"] else ""), str(len(r["seeds"])),
-                 format_mean_std(r["mre"])]
-        cells += [format_mean_std(r["sdr"][k]) for k in sdr_keys]
-        cells += [format_mean_std(r.get("smape") or {})] if smape else []
-        cells += ["—" if variant == study["reference"] else format_p(r["p_value"]),
-                  format_mean_std(r["wall_s"], 1 / 60, 1), format_mean_std(r["images_per_s"], 1.0, 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    missing = [f"{v} (seeds {r['missing']})" for v, r in study["variants"].items() if r.get("missing")]
-    if missing:
-        lines.append(f"\nnot finished: {', '.join(missing)}")
-    return "\n".join(lines) + "\n"
-
-
-def plot_study(name: str, study: dict, out: Path) -> dict:
-    """Box plot of per-image MRE per variant and mean validation-loss curves; returns the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(v, r) for v, r in study["variants"].items() if r.get("seeds")]
-    if not rows:
-        return {}
-    unit = rows[0][1]["unit"]
-    paths = {}
-    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4))
-    ax.boxplot([list(r["per_image_mre"].values()) for _, r in rows], showmeans=True)
-    ax.set_xticks(range(1, len(rows) + 1), [v for v, _ in rows])
-    ax.set_ylabel(f"per-image MRE ({unit}), mean over seeds")
-    ax.set_title(study["title"], fontsize=9)
-    for i, (v, r) in enumerate(rows, 1):
-        if r.get("p_value") is not None:
-            ax.annotate(format_p(r["p_value"]), (i, 1.0), xycoords=("data", "axes fraction"), ha="center",
-                        va="bottom", fontsize=7)
-    fig.tight_layout()
-    paths["box"] = out / f"{name}_mre_boxplot.png"
-    fig.savefig(paths["box"], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v, r in rows:
-        if r["val_loss"] and all(x is not None for x in r["val_loss"]):
-            ax.plot(range(1, len(r["val_loss"]) + 1), r["val_loss"], marker=".", label=v)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation loss (mean over seeds)")
-    ax.set_yscale("log")
-    ax.set_title(study["title"] + ("\n(different losses: levels not comparable)" if name == "loss" else ""),
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["val_loss"] = out / f"{name}_val_loss.png"
-    fig.savefig(paths["val_loss"], dpi=110)
-    plt.close(fig)
-    return paths
-
-
-def _machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}"
-
-
-def write_report(args, variants: dict, runs: list, common: Sequence[str]) -> dict:
-    """``report.md``, ``report.json`` and the PNGs in ``args.out`` for the study options ``args``."""
-    out = Path(args.out)
-    report = summarize(variants, runs)
-    plots = {name: {k: str(p) for k, p in plot_study(name, study, out).items()} for name, study in report.items()}
-    protocol = {
-        "command": "python -m coorkern.experiments " + shlex.join(args.argv),
-        "data": args.data,
-        "root": args.root,
-        "profile": args.profile,
-        "seeds": args.seeds,
-        "train_args_common": list(common),
-        "machine": _machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    if args.data == "isbi2015" and args.isbi_protocol == "holdout":
-        protocol["split"] = {"train": "ISBI 2015 training images 001-085",
-                             "val": "086-100 (best epoch, conformal radii)", "test": "101-150 (held out)"}
-    elif args.data == "spine":
-        protocol["split"] = {"train": "spine holdout_train (361 images)",
-                             "val": "holdout_val (40; best epoch, conformal radii)",
-                             "test": "holdout_test (80, held out)"}
-    lines = [f"# coorkern experiments: {', '.join(report)}", ""]
-    lines += [f"- {k}: {v}" for k, v in protocol.items()]
-    lines += ["", "Held-out metrics of the checkpoint with the best validation score (the profile's `--select`); "
-                  "mean ± std over seeds. p: paired t-test (scipy.stats.ttest_rel) of the per-image MRE, averaged "
-                  "over seeds, against the reference variant; (**) p < 5e-5, (*) p < 0.05, as in the paper.", ""]
-    for name, study in report.items():
-        lines += [f"## {name}: {study['title']}", "", study_table(study)]
-        for kind, path in plots.get(name, {}).items():
-            lines.append(f"![{name} {kind}]({Path(path).name})")
-        lines.append("")
-    atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
-    payload = {"protocol": protocol, "studies": report, "plots": plots}
-    write_json(out / "report.json", payload)
-    return payload
-

@@ -3,8 +3,10 @@
 :class:`TokenAttention` is the attention of every kind but Swin: with a
 :class:`~coorkern.models.coordinates.CoordinateModule` it is the fused
 :func:`coorkern.coor_attention` at the coordinates the module predicts (``"coor"``: Q and K
-maps sampled; ``"deformable"``: K and V sampled, DAT), without one plain
-``F.scaled_dot_product_attention`` (``"vanilla"``, the paper's Table IV baseline).
+maps sampled; ``"deformable"``: K and V sampled, DAT), without one plain softmax attention
+(``"vanilla"``, the paper's Table IV baseline): ``F.scaled_dot_product_attention``, except
+on CPU with the C++ kernels, where it is the fused op with every Q/K token read at its own
+centre (:func:`dense_on_fused_kernel`).
 :class:`WindowAttention` is Swin's (shifted) window attention.  None of them materializes
 an ``N x N`` attention matrix.  ``coor_attention`` is looked up in this module at call
 time, so tests and benchmarks can replace it here (``coorkern.models.attention``).
@@ -20,11 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_choice, check_positive_int
+from ..ops._runtime import backend as _backend
+from ..ops._runtime.extension import cpp_available
 from ..ops.coor_attention import coor_attention
-from .blocks import tokens_to_map
+from .blocks import reference_grid, tokens_to_map
 from .positions import make_position
 
-__all__ = ["ATTENTION_KINDS", "TokenAttention", "WindowAttention", "sample_mode"]
+__all__ = ["ATTENTION_KINDS", "TokenAttention", "WindowAttention", "dense_on_fused_kernel", "sample_mode"]
 
 ATTENTION_KINDS = ("coor", "deformable", "swin", "vanilla")
 
@@ -39,6 +43,20 @@ def sample_mode(attention: str, sample: Optional[str]) -> str:
             )
         return "kv"
     return check_choice("sample", "qk" if sample is None else sample, ("qk", "kv"))
+
+
+def dense_on_fused_kernel(device: torch.device) -> bool:
+    """Whether plain attention on ``device`` runs through the C++ kernel of ``coor_attention``.
+
+    Bilinear sampling at a token's own centre returns the token, so ``coor_attention`` at the
+    reference grid is plain softmax attention (outputs agree with SDPA to ~1e-5 in fp32, the
+    summation order).  On CPU it is the faster of the two: at the ``cpu`` profile's finest
+    attention (2 x 3,584 tokens of head width 8, batch 4, one thread) torch 2.13's SDPA took
+    0.23 s forward + 0.68 s backward, the C++ kernel 0.09 + 0.25 s (docs/experiments.md).
+    Only where the C++ kernels run (backend ``auto``/``cpp`` and the extension built); on CUDA,
+    SDPA's flash kernels.
+    """
+    return device.type == "cpu" and _backend.requested_backend() in ("auto", "cpp") and cpp_available()
 
 
 class TokenAttention(nn.Module):
@@ -117,6 +135,11 @@ class TokenAttention(nn.Module):
         batch, heads, height, width, d = q.shape
         n = height * width
         if coords is None:
+            if dense_on_fused_kernel(q.device):
+                # fp64 maps get fp64 centres (an fp32 grid reads them ~1e-7 of a cell off); else fp32, never bf16.
+                grid_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+                grid = reference_grid(height, width, device=q.device, dtype=grid_dtype)[None].expand(batch, -1, -1)
+                return coor_attention(q, k, v.reshape(batch, heads, n, d), grid, sample="qk")
             return F.scaled_dot_product_attention(*(t.reshape(batch, heads, n, d) for t in (q, k, v)))
         if self.sample == "qk":
             v = v.reshape(batch, heads, n, d)

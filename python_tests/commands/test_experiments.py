@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from coorkern import experiments, train
-from coorkern.engine import studies
+from coorkern.engine import studies, study_report
 from support.paths import REALDATA as REALDATA_DIR
 
 
@@ -45,7 +45,7 @@ def test_tiny_study_writes_the_report(tiny_study):
     text = (out / "report.md").read_text()
     assert "| variant | seeds | MRE (mm) | SDR 2 mm (%)" in text
     assert "| central (ref.) | 1 |" in text and f"| bce | 1 | {bce['mre']['mean']:.2f} |" in text
-    assert studies.format_p(bce["p_value"]) in text
+    assert study_report.format_p(bce["p_value"]) in text
     for name in ("loss_mre_boxplot.png", "loss_val_loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     saved = json.loads((out / "report.json").read_text())
@@ -102,17 +102,17 @@ def test_spine_studies_use_the_development_holdout_and_report_the_cobb_smape(tmp
     row = {"seeds": [0], "missing": [], "unit": "px", "thresholds": [10.0], "mre": {"mean": 30.0, "std": None},
            "sdr": {"10": {"mean": 40.0, "std": None}}, "smape": {"mean": 21.5, "std": None, "n": 1},
            "p_value": None, "wall_s": {"mean": 60.0, "std": None}, "images_per_s": {"mean": 3.0, "std": None}}
-    table = studies.study_table({"reference": "coor", "variants": {"coor": row}})
+    table = study_report.study_table({"reference": "coor", "variants": {"coor": row}})
     assert "| variant | seeds | MRE (px) | SDR 10 px (%) | Cobb SMAPE (%) | p vs coor |" in table
     assert "| coor (ref.) | 1 | 30.00 | 40.00 | 21.50 | — |" in table
-    assert "SMAPE" not in studies.study_table({"reference": "coor", "variants": {"coor": dict(row, smape=None)}})
+    assert "SMAPE" not in study_report.study_table({"reference": "coor", "variants": {"coor": dict(row, smape=None)}})
 
 
 def test_p_values_are_marked_like_the_paper():
-    assert studies.format_p(1e-6) == "1e-06 (**)"
-    assert studies.format_p(0.01) == "0.01 (*)"
-    assert studies.format_p(0.3) == "0.3"
-    assert studies.format_p(None) == "n/a" and studies.format_p(float("nan")) == "n/a"
+    assert study_report.format_p(1e-6) == "1e-06 (**)"
+    assert study_report.format_p(0.01) == "0.01 (*)"
+    assert study_report.format_p(0.3) == "0.3"
+    assert study_report.format_p(None) == "n/a" and study_report.format_p(float("nan")) == "n/a"
 
 
 def test_the_study_folder_config_reproduces_the_options(tmp_path, capsys):

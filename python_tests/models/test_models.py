@@ -7,6 +7,7 @@ forward/backward the issue asks for: the machine running the suite has 2 CPU cor
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -171,15 +172,25 @@ def test_transformer_switch(monkeypatch):
 
     assert count(none) < count(vanilla) < count(coor)
 
-    # Vanilla attention never calls the coordinate op; the coor model calls it once per block.
+    # The coor model calls the coordinate op once per block at its predicted coordinates; vanilla
+    # attention never predicts any: SDPA, or on CPU with the C++ kernels the op at the token centres.
     calls = []
-    monkeypatch.setattr(models.attention, "coor_attention", lambda *a, **k: calls.append(1) or torch.zeros_like(a[2]))
+    monkeypatch.setattr(models.attention, "coor_attention",
+                        lambda *a, **k: calls.append(a[3]) or torch.zeros_like(a[2]))
     images = torch.randn(1, 1, 64, 64)
-    vanilla(images)
+    with coorkern.backend("reference"):
+        vanilla(images)
     none(images)
     assert calls == []
+    vanilla(images)
+    if models.attention.dense_on_fused_kernel(images.device):
+        assert len(calls) == 4
+        for coords in calls:
+            side = math.isqrt(coords.shape[1])
+            torch.testing.assert_close(coords[0], reference_grid(side, side), rtol=0, atol=0)
+    calls.clear()
     coor(images)
-    assert len(calls) == 4
+    assert len(calls) == 4 and not any(torch.equal(c[0], reference_grid(*(2 * [math.isqrt(c.shape[1])]))) for c in calls)
     with pytest.raises(ValueError, match="transformer"):
         tiny_detector(transformer="swinv2")
 

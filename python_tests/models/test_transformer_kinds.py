@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coorkern import backend as coorkern_backend
 from coorkern import models, train
 from coorkern.models import CoorDetector, CoorTransformerBlock, TokenAttention, WindowAttention
 
@@ -170,3 +171,30 @@ def test_swin_onnx_export_matches_pytorch(tmp_path):
     (logits,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), model(images), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("height, width, heads", [(5, 7, 2), (1, 9, 1), (8, 8, 4)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-5), (torch.float64, 1e-10)])
+def test_vanilla_on_cpu_runs_the_fused_kernel_and_equals_sdpa(height, width, heads, dtype, tol, monkeypatch):
+    """Plain attention on CPU goes through coor_attention at the token centres; same values and gradients as SDPA."""
+    from coorkern.models import attention as attention_mod
+    from coorkern.ops._runtime.extension import cpp_available
+
+    if not cpp_available():
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    layer = TokenAttention(8 * heads, heads).to(dtype)
+    tokens = torch.randn(2, height * width, 8 * heads, dtype=dtype, requires_grad=True)
+    calls = []
+    fused = attention_mod.coor_attention
+    monkeypatch.setattr(attention_mod, "coor_attention", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
+    out = layer(tokens, height, width)
+    assert len(calls) == 1 and attention_mod.dense_on_fused_kernel(tokens.device)
+    (grad,) = torch.autograd.grad(out.square().sum(), tokens)
+    with coorkern_backend("reference"):  # the backend switch keeps plain SDPA
+        assert not attention_mod.dense_on_fused_kernel(tokens.device)
+        expected = layer(tokens, height, width)
+    assert len(calls) == 1
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), tokens)
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(grad, expected_grad, atol=tol * 10, rtol=tol * 10)
