@@ -71,7 +71,7 @@ from coorkern.engine.checkpoints import model_from_checkpoint
 from coorkern.engine.cli_args import HelpFormatter, positive_float, positive_int
 from coorkern.engine.files import write_json
 from coorkern.engine.inference import add_evaluation_options, evaluation_setup_or_error
-from coorkern.engine.attention_focus import BlockStatistics, measure
+from coorkern.engine.attention_focus import BlockStatistics, measure_checkpoint
 from coorkern.models.attention_probe import AttentionRows, attention_blocks, pixels_to_cells, token_centres
 
 __all__ = ["build_parser", "draw_figure", "main"]
@@ -205,22 +205,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = {"checkpoint": ckpt["path"], "data": target.name, "split": target.split,
               "image_size": list(target.image_size), "transformer": model.transformer,
               "radius": {"value": args.radius, "unit": args.radius_unit}, "figure_block": figure_block}
-    if not attention_blocks(model):
+    figures = []
+
+    def draw(item: dict, rows: AttentionRows, stats: BlockStatistics) -> None:
+        if stats.block.name == figure_block:
+            figures.append(draw_figure(out / f"attention_{_safe(item['id'])}.png", item, rows, stats))
+
+    report.update(measure_checkpoint(model, target.dataset, args.images, radius=args.radius, unit=args.radius_unit,
+                                     device=device, visit=draw))
+    report["figures"] = [str(f) for f in figures]
+    if report["stages"]:
+        print(format_table(report))
+    else:
         report["message"] = (f"transformer {model.transformer!r} with depths {list(model.depths)} has no attention "
                              "block: nothing to measure")
         print(report["message"])
-        report.update(images=0, image_ids=[], figures=[], stages=[])
-    else:
-        figures = []
-
-        def draw(item: dict, rows: AttentionRows, stats: BlockStatistics) -> None:
-            if stats.block.name == figure_block:
-                figures.append(draw_figure(out / f"attention_{_safe(item['id'])}.png", item, rows, stats))
-
-        stages, ids = measure(model, target.dataset, args.images, radius=args.radius, unit=args.radius_unit,
-                              device=device, visit=draw)
-        report.update(images=len(ids), image_ids=ids, figures=[str(f) for f in figures], stages=stages)
-        print(format_table(report))
     write_json(out / "attention.json", report)
     print(f"wrote {out / 'attention.json'} and {len(report['figures'])} figure(s)")
     return report

@@ -86,14 +86,6 @@ def _attention(run: StudyRun) -> Optional[dict]:
     return json.loads(path.read_text())
 
 
-def _selected_epoch(history: list, select: str) -> int:
-    """The 1-based epoch of the checkpoint the run kept: minimum validation loss (or MRE with ``select="mre"``)."""
-    key = "val_loss" if select == "loss" else next(k for k in history[0] if k.startswith("val_mre_"))
-    values = [row.get(key) for row in history]
-    finite = [(v, i) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
-    return min(finite)[1] + 1 if finite else len(history)
-
-
 def _run_summary(run: StudyRun) -> Optional[dict]:
     """Metrics, per-image MRE, validation curves, attention focus and timings of a finished run."""
     if not run.finished:
@@ -104,8 +96,8 @@ def _run_summary(run: StudyRun) -> Optional[dict]:
     history = json.loads((run.folder / "metrics.json").read_text())
     record_path = run.folder / "experiment.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    config_path = run.folder / "config.json"
-    select = json.loads(config_path.read_text()).get("args", {}).get("select", "loss") if config_path.is_file() else "loss"
+    # The epoch of the checkpoint the run kept, as the trainer recorded it (its --select rule).
+    selected_epoch = json.loads((run.folder / "test_metrics.json").read_text()).get("best_epoch") or len(history)
     per_image = {p["id"]: float(np.nanmean(np.asarray(p["errors"], dtype=float))) for p in evaluation["predictions"]}
     overall = evaluation["metrics"]["overall"]
     unit = evaluation["metrics"]["unit"]
@@ -120,7 +112,7 @@ def _run_summary(run: StudyRun) -> Optional[dict]:
         "per_image_mre": per_image,
         "val_loss": [row.get("val_loss") for row in history],
         "val_mre": val_mre,
-        "selected_epoch": _selected_epoch(history, select),
+        "selected_epoch": selected_epoch,
         "attention": _attention(run),
         "epochs": len(history),
         "wall_s": record.get("wall_s"),

@@ -83,13 +83,9 @@ def test_attention_focus_of_every_run_with_attention(transformer_study):
         "### Attention focus")[1]
 
 
-def test_epochs_to_reach_and_the_selected_epoch_by_hand():
+def test_epochs_to_reach_and_mean_curves_by_hand():
     assert study_report._epochs_to_reach([5.0, 3.0, 2.0, 2.5], 2.9) == 3
     assert study_report._epochs_to_reach([5.0, None, 1.0], 1.0) == 3
     assert study_report._epochs_to_reach([5.0, 4.0], 3.0) is None
     assert study_report._epochs_to_reach([5.0], None) is None
-    history = [{"val_loss": 3.0, "val_mre_px": 9.0}, {"val_loss": 1.0, "val_mre_px": 7.0},
-               {"val_loss": 2.0, "val_mre_px": 5.0}]
-    assert study_report._selected_epoch(history, "loss") == 2
-    assert study_report._selected_epoch(history, "mre") == 3
     assert study_report._mean_curve([[1.0, 3.0, 5.0], [3.0, None]]) == [2.0, None]
