@@ -7,9 +7,10 @@ Studies (the paper's tables and figures):
 * ``r`` -- the central loss with r = 0, 1, 2, 3 (Table III, Fig. 7);
 * ``transformer`` -- none, vanilla, swin, deformable and coor attention, all with the
   central loss (Table IV, Fig. 9); with ``--variants``, also the readings of the
-  coordinate module: ``coor+linear``, ``coor+fourier`` (``--position``),
+  coordinate module: ``coor+offset`` (``--position none``: the first default,
+  without the Fourier positions of today's ``coor``), ``coor+linear`` (``--position linear``),
   ``coor+absolute`` (``--coord-mode absolute``), ``coor+range8`` (``--offset-range 8``),
-  ``coor+init0.1`` (``--offset-init-std 0.1``), ``coor+lr10`` (``--coord-lr-mult 10``),
+  ``coor+init0.1`` (``--offset-init-std 0.1``), ``coor+lr10`` (``--coord-lr-mult 10``; ``coor+offset+lr10`` without positions),
   ``coor+queries`` (``--coord-source queries``), ``coor+perhead`` (``--coord-groups 8``),
   ``deformable+linear`` and ``vanilla+sincos`` (``--vanilla-position sincos``).  Any other
   reading goes to every run through ``--train-args "--offset-range 2"``.

@@ -7,7 +7,8 @@
 * :func:`landmark_metrics` -- MRE (mean, std, median) and SDR at radii, per landmark
   and overall; NaN (missing) ground truth is left out.
 * :func:`cobb_angles` -- the three Cobb angles of a spine's 68 vertebra corners by the
-  AASCE 2019 challenge's rule; :func:`smape` -- the challenge's SMAPE of angles (percent).
+  AASCE 2019 challenge's rule; :func:`smape` -- the challenge's SMAPE of angles (percent);
+  :func:`vertebra_level_shift` -- on which vertebra each predicted corner landed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from ._checks import check_rank, check_tensor
 
 __all__ = ["decode_heatmaps", "radial_errors", "landmark_metrics", "format_table", "mean_shape_baseline",
-           "cobb_angles", "smape"]
+           "cobb_angles", "smape", "vertebra_level_shift"]
 
 
 def decode_heatmaps(heatmaps: torch.Tensor, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,3 +313,32 @@ def smape(pred_angles, true_angles, per_image: bool = False):
     if per.numel() == 0:
         raise ValueError("smape needs at least one image")
     return float(per.mean())
+
+
+def vertebra_level_shift(pred, truth):
+    """On which vertebra each predicted corner of a spine landed, relative to its own: ``(..., 68)`` integers.
+
+    ``pred`` and ``truth`` are ``(..., 68, 2)`` corners in the challenge's order (17
+    vertebrae from the top, 4 corners each).  For predicted corner ``4 v + c`` the result is
+    ``w - v``, where vertebra ``w`` holds the true corner of the same kind ``c`` nearest to
+    it: 0 on its own vertebra, -1 one vertebra up, +1 one down.  Repeated structures are
+    where a heatmap detector fails by whole levels (a prediction on the right vertebra
+    with a small error is a different failure from one on the neighbour), and the Cobb
+    angle suffers most from the second.  NaN corners give -99 (no level).  Returns a
+    tensor for tensor inputs, else a numpy array.
+    """
+    p, pred_tensor = _as_float64("pred", pred)
+    t, _ = _as_float64("truth", truth)
+    if p.dim() < 2 or tuple(p.shape[-2:]) != (68, 2):
+        raise ValueError(f"pred must have shape (..., 68, 2) (17 vertebrae x 4 corners), got {tuple(p.shape)}")
+    if t.shape != p.shape:
+        raise ValueError(f"truth must have the shape of pred {tuple(p.shape)}, got {tuple(t.shape)}")
+    t = t.to(p.device)
+    batch = p.shape[:-2]
+    p = p.reshape(*batch, 17, 4, 1, 2)  # predicted corner (v, c)
+    t = t.reshape(*batch, 17, 4, 2).transpose(-3, -2).unsqueeze(-4)  # true corners of kind c: (1, 4, 17 w, 2)
+    distance = (p - t).norm(dim=-1)  # (..., 17 v, 4 c, 17 w)
+    nearest = torch.nan_to_num(distance, nan=math.inf).argmin(dim=-1)
+    shift = nearest - torch.arange(17, device=p.device).view(17, 1)
+    shift = torch.where(torch.isnan(distance).all(dim=-1), torch.full_like(shift, -99), shift).reshape(*batch, 68)
+    return shift if pred_tensor else shift.numpy()

@@ -129,8 +129,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="learning-rate multiplier of the coordinate modules (their own optimizer group)")
     add("--coord-source", choices=COORD_SOURCES, default="features",
         help="what the coordinates are predicted from: the block's features or its queries")
-    add("--position", choices=POSITIONS, default="none",
-        help="position added to Q/K before sampling (coordinate-index features)")
+    add("--position", choices=POSITIONS,
+        help="position added to Q/K before sampling (coordinate-index features); default: fourier for coor, "
+             "none for deformable")
     add("--vanilla-position", choices=VANILLA_POSITIONS, default="none",
         help="transformer vanilla: the 2-D sine-cosine position encoding, or none")
 

@@ -145,7 +145,9 @@ def update_checkpoint(path, **entries) -> Path:
 def build_model(model_config: dict):
     from ..models import CoorDetector
 
-    return CoorDetector(**model_config)  # (lists from JSON are fine: it keeps tuples itself)
+    # A config written before the ``position`` option existed is a model without positions
+    # (today's default for "coor" is "fourier").  Lists from JSON are fine: it keeps tuples itself.
+    return CoorDetector(**{"position": "none", **model_config})
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu"):

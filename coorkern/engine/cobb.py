@@ -9,7 +9,9 @@ at integers: ``x_original = (x + 0.5) * original / resized - 0.5`` -- and the ru
 S-curve test gets the original height.  Landmark errors of spine data are measured there
 too (:func:`original_pixel_scale`), so MRE and the SDR radii (10-40 px,
 :data:`coorkern.data.spine.SPINE_THRESHOLDS`) are in pixels of the original image, the
-pixels the radii were chosen in.  :func:`main_curve` gives the two vertebrae of the main
+pixels the radii were chosen in.  The report also says on which vertebra the predicted
+corners landed (:func:`coorkern.metrics.vertebra_level_shift`): a detector of 17 look-alike
+vertebrae fails by whole levels.  :func:`main_curve` gives the two vertebrae of the main
 angle for the overlays.
 """
 
@@ -77,6 +79,8 @@ def cobb_report(inference: dict, dataset) -> Optional[CobbResult]:
     source = ("angles.csv" if bool(known.all()) else "the annotated landmarks" if not bool(known.any())
               else "angles.csv, else the annotated landmarks")
     error = (pred[valid] - truth[valid]).abs()
+    shift = metrics.vertebra_level_shift(to_original(inference["pred"], scale), annotated)
+    placed = shift[shift != -99]
     summary = {
         "smape": metrics.smape(pred[valid], truth[valid]) if bool(valid.any()) else None,
         "mae_deg": {name: _mean(error[:, j]) for j, name in enumerate(ANGLE_NAMES)},
@@ -84,6 +88,9 @@ def cobb_report(inference: dict, dataset) -> Optional[CobbResult]:
         "images_without_angles": int((~valid).sum()),
         "truth": source,
         "pixels": "original image",
+        # Where the predicted corners landed: on their own vertebra, one level off, further.
+        "vertebra_level": {"own": _mean((placed == 0).double()), "one_off": _mean((placed.abs() == 1).double()),
+                           "further": _mean((placed.abs() > 1).double())},
     }
     return CobbResult(summary, pred, truth)
 
@@ -97,6 +104,10 @@ def format_cobb(summary: dict) -> str:
             f"{summary['smape']:.2f}%, mean absolute error {errors} degrees")
     if summary["images_without_angles"]:
         text += f" ({summary['images_without_angles']} image(s) without predicted angles left out)"
+    level = summary.get("vertebra_level") or {}
+    if level.get("own") is not None:
+        text += (f"; predicted corners on their own vertebra {100 * level['own']:.1f}%, one vertebra off "
+                 f"{100 * level['one_off']:.1f}%, further {100 * level['further']:.1f}%")
     return text
 
 

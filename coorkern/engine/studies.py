@@ -68,7 +68,8 @@ STUDIES = {
     "transformer": {
         "title": "Transformers in the decoder, central loss r = 2 (Table IV, Fig. 9)",
         "reference": "coor",
-        "variants": {t: dict(transformer=t, loss="central", r=2.0)
+        # coor spells its position out: the folder name says which model ran, whatever the default.
+        "variants": {t: dict(transformer=t, loss="central", r=2.0, **({"position": "fourier"} if t == "coor" else {}))
                      for t in ("none", "vanilla", "swin", "deformable", "coor")},
         # The target of the coordinate readings: better than no transformer and than plain attention.
         "compare": ["none", "vanilla"],
@@ -80,16 +81,19 @@ def _reading(kind: str, **options) -> dict:
 
 
 # Extra variants of the transformer study: one reading of the coordinate module (or the vanilla
-# kind's position encoding) changed; the options of ``coorkern train`` of the same names.
+# kind's position encoding) changed from the default coor (which has the Fourier position); the
+# options of ``coorkern train`` of the same names.  ``coor+offset`` is coor without a position
+# (the default until the readings study), ``coor+offset+lr10`` the learning-rate reading screened on it.
 READING_VARIANTS = {
+    "coor+offset": _reading("coor", position="none"),
     "coor+linear": _reading("coor", position="linear"),
-    "coor+fourier": _reading("coor", position="fourier"),
-    "coor+absolute": _reading("coor", coord_mode="absolute"),
-    "coor+range8": _reading("coor", offset_range=8.0),
-    "coor+init0.1": _reading("coor", offset_init_std=0.1),
-    "coor+lr10": _reading("coor", coord_lr_mult=10.0),
-    "coor+queries": _reading("coor", coord_source="queries"),
-    "coor+perhead": _reading("coor", coord_groups=8),
+    "coor+absolute": _reading("coor", coord_mode="absolute", position="fourier"),
+    "coor+range8": _reading("coor", offset_range=8.0, position="fourier"),
+    "coor+init0.1": _reading("coor", offset_init_std=0.1, position="fourier"),
+    "coor+lr10": _reading("coor", coord_lr_mult=10.0, position="fourier"),
+    "coor+offset+lr10": _reading("coor", coord_lr_mult=10.0, position="none"),
+    "coor+queries": _reading("coor", coord_source="queries", position="fourier"),
+    "coor+perhead": _reading("coor", coord_groups=8, position="fourier"),
     "deformable+linear": _reading("deformable", position="linear"),
     "vanilla+sincos": _reading("vanilla", vanilla_position="sincos"),
 }
@@ -122,7 +126,7 @@ def _option_text(value) -> str:
 
 
 def run_name(settings: dict) -> str:
-    """The folder name of a variant's runs, e.g. ``coor-central-r2`` or ``coor-central-r2+position-linear``."""
+    """The folder name of a variant's runs, e.g. ``none-central-r2`` or ``coor-central-r2+position-fourier``."""
     name = f"{settings['transformer']}-{settings['loss']}"
     name += f"-r{settings['r']:g}" if settings["loss"] == "central" else ""
     return name + "".join(f"+{key}-{_option_text(settings[key])}" for key in READING_OPTIONS if key in settings)

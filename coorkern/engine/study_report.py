@@ -109,6 +109,8 @@ def _run_summary(run: StudyRun) -> Optional[dict]:
         "unit": unit,
         "thresholds": evaluation["metrics"]["thresholds"],
         "smape": (evaluation.get("cobb") or {}).get("smape"),  # spine: Cobb-angle SMAPE (%)
+        # spine: share of the predicted corners on their own vertebra
+        "own_vertebra": ((evaluation.get("cobb") or {}).get("vertebra_level") or {}).get("own"),
         "per_image_mre": per_image,
         "val_loss": [row.get("val_loss") for row in history],
         "val_mre": val_mre,
@@ -178,6 +180,7 @@ def _variant_row(name: str, settings: dict, done: dict, seeds: list) -> dict:
         "mre": _mean_std([d["mre"] for d in done.values()]),
         "sdr": {t: _mean_std([d["sdr"][t] for d in done.values()]) for t in first["sdr"]},
         "smape": _mean_std([d.get("smape") for d in done.values()]),
+        "own_vertebra": _mean_std([d.get("own_vertebra") for d in done.values()]),
         "wall_s": _mean_std([d["wall_s"] for d in done.values()]),
         "images_per_s": _mean_std([d["images_per_s"] for d in done.values()]),
         "per_image_mre": {i: float(np.mean([d["per_image_mre"][i] for d in done.values()])) for i in ids},
@@ -281,9 +284,11 @@ def study_table(study: dict) -> str:
     unit, thresholds = rows[0][1]["unit"], rows[0][1]["thresholds"]
     sdr_keys = list(rows[0][1]["sdr"])
     smape = any((r.get("smape") or {}).get("mean") is not None for _, r in rows)
+    own = any((r.get("own_vertebra") or {}).get("mean") is not None for _, r in rows)
     compare = _compare(study)
     head = (["variant", "seeds", f"MRE ({unit})"] + [f"SDR {t:g} {unit} (%)" for t in thresholds]
-            + (["Cobb SMAPE (%)"] if smape else []) + [f"p vs {c}" for c in compare]
+            + (["Cobb SMAPE (%)"] if smape else []) + (["corners on own vertebra (%)"] if own else [])
+            + [f"p vs {c}" for c in compare]
             + ["wall time / run (min)", "train img/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, r in rows:
@@ -292,6 +297,7 @@ def study_table(study: dict) -> str:
                  format_mean_std(r["mre"])]
         cells += [format_mean_std(r["sdr"][k]) for k in sdr_keys]
         cells += [format_mean_std(r.get("smape") or {})] if smape else []
+        cells += [format_mean_std(r.get("own_vertebra") or {}, 100, 1)] if own else []
         cells += ["—" if variant == c else format_p(p_values.get(c)) for c in compare]
         cells += [format_mean_std(r["wall_s"], 1 / 60, 1), format_mean_std(r["images_per_s"], 1.0, 1)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .. import conformal, metrics
 from .. import data as data_mod
 from ..losses import heatmap_loss
+from ..models.detector import DEFAULT_POSITIONS
 from . import profiles
 from .checkpoints import build_model, load_checkpoint, save_checkpoint, set_rng_state, update_checkpoint
 from .cobb import format_cobb
@@ -91,6 +92,8 @@ def _resolve(args, device: torch.device) -> None:
     args.test_split = args.test_split or test
     if args.augment is None:
         args.augment = args.data != "synthetic"
+    if args.position is None:  # written out, so that config.yaml keeps meaning this model
+        args.position = DEFAULT_POSITIONS.get(args.transformer, "none")
 
 
 def common_spacing(dataset) -> Optional[list]:

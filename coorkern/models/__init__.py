@@ -21,7 +21,7 @@ The design and the readings of the paper's coordinate module: docs/design/detect
 from .attention import ATTENTION_KINDS, TokenAttention, WindowAttention
 from .blocks import CBAM, ConvBNReLU, DecoderStage, LayerNorm2d, map_to_tokens, reference_grid, tokens_to_map
 from .coordinates import COORD_MODES, COORD_SOURCES, CoordinateModule
-from .detector import POSITIONS, TRANSFORMER_KINDS, VANILLA_POSITIONS, CoorDetector
+from .detector import DEFAULT_POSITIONS, POSITIONS, TRANSFORMER_KINDS, VANILLA_POSITIONS, CoorDetector
 from .positions import POSITION_KINDS, GridPosition, SinCosPosition, sincos_2d
 from .summary import ModelSummary, _main, summary  # noqa: F401 (_main: coorkern.models._main(argv) as before)
 from .transformer import CoorTransformerBlock
@@ -39,6 +39,7 @@ __all__ = [
     "GridPosition",
     "LayerNorm2d",
     "ModelSummary",
+    "DEFAULT_POSITIONS",
     "POSITIONS",
     "POSITION_KINDS",
     "SinCosPosition",

@@ -23,10 +23,14 @@ from .blocks import ConvBNReLU, DecoderStage
 from .coordinates import COORD_MODES, COORD_SOURCES, CoordinateModule
 from .transformer import COORDINATE_KINDS, CoorTransformerBlock
 
-__all__ = ["CoorDetector", "POSITIONS", "TRANSFORMER_KINDS", "VANILLA_POSITIONS"]
+__all__ = ["CoorDetector", "DEFAULT_POSITIONS", "POSITIONS", "TRANSFORMER_KINDS", "VANILLA_POSITIONS"]
 
 TRANSFORMER_KINDS = ("coor", "deformable", "swin", "vanilla", "none")
 POSITIONS = ("none", "linear", "fourier")  # what the coordinate kinds add to Q/K before sampling
+# The position of each kind when none is given: the Fourier coordinate-index features for the
+# paper's coordinate attention (the reading that measured best, bench/EXPERIMENTS.md), none for
+# the others (DAT's deformable attention has no such features).
+DEFAULT_POSITIONS = {"coor": "fourier"}
 VANILLA_POSITIONS = ("none", "sincos")  # what the vanilla kind adds to Q/K
 
 
@@ -60,13 +64,17 @@ class CoorDetector(nn.Module):
 
     Readings of the coordinate module (``"coor"`` and ``"deformable"``; the other kinds
     accept and ignore them, so one set of options serves a sweep over the kinds, but bad
-    values are refused whatever the kind).  The defaults are the model as it always was:
+    values are refused whatever the kind).  The defaults: bounded offsets around the
+    reference grid, one coordinate group, no learning-rate multiplier, and for ``"coor"``
+    the Fourier coordinate-index features:
 
     * ``coord_mode`` -- ``"offset"`` (reference grid + bounded learned offset) or
       ``"absolute"`` (the released code's ReLU coordinates); see :class:`CoordinateModule`.
     * ``position`` -- ``"none"``, ``"linear"`` or ``"fourier"``: "coordinate-index features
       x^p are sampled at each coordinate", so ``Q^p`` and ``K^p`` carry the position they
-      were sampled at (:mod:`coorkern.models.positions`).
+      were sampled at (:mod:`coorkern.models.positions`).  ``None`` (default): the kind's
+      own, :data:`DEFAULT_POSITIONS` -- ``"fourier"`` for ``"coor"`` (it beat ``"none"``
+      and ``"linear"`` on the ISBI validation images), ``"none"`` for ``"deformable"``.
     * offsets that can move ("sampling points which are learned from the queries by a
       coordinate module"): ``offset_range`` (largest offset, token cells),
       ``offset_init_std`` (initial spread), ``coord_lr_mult`` (learning-rate multiplier of
@@ -98,7 +106,7 @@ class CoorDetector(nn.Module):
         offset_init_std: float = 1e-2,
         coord_lr_mult: float = 1.0,
         coord_source: str = "features",
-        position: str = "none",
+        position: Optional[str] = None,
         vanilla_position: str = "none",
         token_strides: Sequence[int] = (1, 1, 1, 2),
         window_size: int = 8,
@@ -120,7 +128,8 @@ class CoorDetector(nn.Module):
         self.offset_init_std = check_number("offset_init_std", offset_init_std, minimum=0.0)
         self.coord_lr_mult = check_number("coord_lr_mult", coord_lr_mult, minimum=0.0)
         self.coord_source = check_choice("coord_source", coord_source, COORD_SOURCES)
-        self.position = check_choice("position", position, POSITIONS)
+        self.position = check_choice(
+            "position", DEFAULT_POSITIONS.get(self.transformer, "none") if position is None else position, POSITIONS)
         self.vanilla_position = check_choice("vanilla_position", vanilla_position, VANILLA_POSITIONS)
 
         c = base_channels

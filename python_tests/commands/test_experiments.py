@@ -88,7 +88,7 @@ def test_runs_shared_between_studies_are_trained_once(tmp_path):
     names = sorted({r.name for r in runs})
     # 4 losses + r 0, 1, 3 + 4 transformers; central r = 2 without transformer is in all three studies.
     assert len(names) == 11 and len(runs) == 22 and "none-central-r2" in names
-    assert {"coor-central-r2", "swin-central-r2", "deformable-central-r2", "none-central-r0"} <= set(names)
+    assert {"coor-central-r2+position-fourier", "swin-central-r2", "deformable-central-r2", "none-central-r0"} <= set(names)
 
 
 def test_spine_studies_use_the_development_holdout_and_report_the_cobb_smape(tmp_path):
@@ -106,6 +106,11 @@ def test_spine_studies_use_the_development_holdout_and_report_the_cobb_smape(tmp
     assert "| variant | seeds | MRE (px) | SDR 10 px (%) | Cobb SMAPE (%) | p vs coor |" in table
     assert "| coor (ref.) | 1 | 30.00 | 40.00 | 21.50 | — |" in table
     assert "SMAPE" not in study_report.study_table({"reference": "coor", "variants": {"coor": dict(row, smape=None)}})
+    # Where the evaluations say on which vertebra the corners landed, the share on their own, in %.
+    row["own_vertebra"] = {"mean": 0.507, "std": 0.02, "n": 2}
+    table = study_report.study_table({"reference": "coor", "variants": {"coor": row}})
+    assert "| Cobb SMAPE (%) | corners on own vertebra (%) | p vs coor |" in table
+    assert "| 21.50 | 50.7 ± 2.0 | — |" in table
 
 
 def test_p_values_are_marked_like_the_paper():

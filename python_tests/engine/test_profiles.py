@@ -54,6 +54,9 @@ def test_cpu_profile_is_the_default_for_real_data_without_cuda_and_the_command_l
     args, explicit = parse(["--data", "spine", "--root", "x"])
     profiles.apply_profile(args, explicit, torch.device("cpu"))
     assert args.profile == "cpu" and args.image_size == [320, 128] and args.epochs is None
+    # The spine's own budget (68 landmarks need more images than ISBI's 19).
+    assert args.train_images == profiles.CPU_SPINE_TRAIN_IMAGES == 9000
+    assert profiles.PROFILES["paper"].budget("spine") is None
     # An explicit budget beats the paper profile's epoch count.
     args, explicit = parse(["--data", "hand", "--root", "x", "--profile", "paper", "--train-images", "500"])
     profiles.apply_profile(args, explicit, torch.device("cpu"))

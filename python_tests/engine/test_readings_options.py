@@ -75,8 +75,8 @@ def test_old_checkpoints_without_the_readings_still_load_and_resume(readings_run
     old["config"] = dict(ckpt["config"], model=old_model,
                          args={k: v for k, v in ckpt["config"]["args"].items()
                                if k not in EXPECTED and k not in ("val_fraction", "train_images")})
-    # A model of the defaults: the optimizer state of one group.
-    fresh = CoorDetector(**old_model)
+    # A model of that time's defaults (no positions): the optimizer state of one group.
+    fresh = CoorDetector(**old_model, position="none")
     old["model"] = fresh.state_dict()
     old["optimizer"] = torch.optim.Adam(fresh.parameters()).state_dict()
     torch.save(old, tmp_path / "old.pt")
@@ -104,11 +104,16 @@ def test_the_transformer_study_has_reading_variants_on_request(tmp_path):
     assert set(default) == {"none", "vanilla", "swin", "deformable", "coor"}
     chosen = studies.selected_variants(["transformer"], "coor,coor+linear,vanilla+sincos")["transformer"]
     runs = {r.name: r for r in studies.plan_runs({"transformer": chosen}, [0], tmp_path)}
-    assert set(runs) == {"coor-central-r2", "coor-central-r2+position-linear",
+    # coor spells out its position, so a folder names the model it holds whatever the default is.
+    assert set(runs) == {"coor-central-r2+position-fourier", "coor-central-r2+position-linear",
                          "vanilla-central-r2+vanilla_position-sincos"}
     command = studies.train_command(runs["coor-central-r2+position-linear"], ["--data", "synthetic"], 1)
     assert command[command.index("--position") + 1] == "linear"
-    assert "--position" not in studies.train_command(runs["coor-central-r2"], [], 1)
+    command = studies.train_command(runs["coor-central-r2+position-fourier"], [], 1)
+    assert command[command.index("--position") + 1] == "fourier"
+    assert "--position" not in studies.train_command(runs["vanilla-central-r2+vanilla_position-sincos"], [], 1)
+    offset = studies.selected_variants(["transformer"], "coor+offset")["transformer"]["coor+offset"]
+    assert studies.run_name(offset) == "coor-central-r2+position-none"
     every = studies.selected_variants(["transformer"], ",".join(studies.READING_VARIANTS))["transformer"]
     for name, settings in every.items():  # each extra variant is a valid command line
         command = studies.train_command(studies.StudyRun(name, settings, 0, tmp_path / name), [], 1)

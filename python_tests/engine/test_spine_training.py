@@ -61,6 +61,12 @@ def test_test_metrics_hold_mre_in_original_pixels_and_the_cobb_smape(spine_run):
     truth = torch.from_numpy(np.stack([rec.landmarks for rec in test_set.records]))
     assert report["model"]["overall"]["mre"] == pytest.approx(float((original - truth).norm(dim=-1).mean()),
                                                                 rel=1e-4)
+    shift = metrics.vertebra_level_shift(original, truth)
+    level = angles["vertebra_level"]
+    assert level["own"] == pytest.approx(float((shift == 0).double().mean()))
+    assert level["one_off"] == pytest.approx(float((shift.abs() == 1).double().mean()))
+    assert level["own"] + level["one_off"] + level["further"] == pytest.approx(1.0)
+    assert "on their own vertebra" in cobb.format_cobb(angles)
     pred_angles = metrics.cobb_angles(original, torch.tensor([rec.original_size[0] for rec in test_set.records]))
     true_angles = torch.from_numpy(np.stack([rec.angles for rec in test_set.records]))
     ok = torch.isfinite(pred_angles).all(-1)
@@ -130,6 +136,11 @@ def test_cobb_angles_are_measured_after_mapping_back_to_the_original_pixels(tmp_
     assert result.summary["truth"] == "angles.csv, else the annotated landmarks"
     assert (metrics.cobb_angles(resized[0].double(), 96) - expected).abs().max() > 1.0  # unmapped: wrong
     assert result.summary["images"] == 2 and result.summary["pixels"] == "original image"
+    # The ground truth put through the resize and back: every corner on its own vertebra.
+    assert result.summary["vertebra_level"] == {"own": 1.0, "one_off": 0.0, "further": 0.0}
+    down = torch.cat([resized[:, 4:], resized[:, -4:]], dim=1)  # each vertebra where the next one is
+    level = cobb.cobb_report({"pred": down}, dataset).summary["vertebra_level"]
+    assert level["one_off"] == pytest.approx(64 / 68) and level["own"] == pytest.approx(4 / 68)
 
 
 class KnownSpine(torch.nn.Module):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from coorkern import data
-from coorkern.metrics import cobb_angles, smape
+from coorkern.metrics import cobb_angles, smape, vertebra_level_shift
 from support.paths import REALDATA
 from support.spine_fixtures import c_curve_centres, s_curve_centres, spine_corners
 
@@ -140,3 +140,41 @@ def test_real_training_angles_csv_is_reproduced_from_the_mat_landmarks():
     assert (np.median(difference, axis=0) <= 0.001).all()
     assert difference.max() <= 0.005
     assert smape(cobb_angles(landmarks, heights), truth) < 0.01
+
+
+# --------------------------------------------------------------------------- vertebra levels
+
+
+def test_vertebra_level_shift_finds_the_vertebra_each_corner_landed_on():
+    rng = np.random.default_rng(3)
+    truth = spine_corners(rng.uniform(-10, 10, 17), s_curve_centres())
+    # Within a third of a vertebra's spacing: every corner on its own level.
+    jitter = truth + rng.uniform(-4, 4, truth.shape)
+    assert (vertebra_level_shift(jitter, truth) == 0).all()
+    # Every vertebra predicted where the next one down is: +1, the lowest stays (nothing below it).
+    down = np.concatenate([truth[4:], truth[-4:]])
+    expected = np.array([1] * 64 + [0] * 4)
+    np.testing.assert_array_equal(vertebra_level_shift(down, truth), expected)
+    # One corner two levels up, the rest in place; batched tensors in, a tensor out.
+    moved = truth.copy()
+    moved[4 * 9 + 2] = truth[4 * 7 + 2]
+    batch = torch.tensor(np.stack([truth, moved]))
+    shift = vertebra_level_shift(batch, torch.tensor(np.stack([truth, truth])))
+    assert isinstance(shift, torch.Tensor) and shift.shape == (2, 68)
+    assert (shift[0] == 0).all() and shift[1, 4 * 9 + 2] == -2 and shift[1].abs().sum() == 2
+    # A missing prediction has no level; a missing true corner is never the nearest.
+    gaps = truth.copy()
+    gaps[5] = np.nan
+    assert vertebra_level_shift(gaps, truth)[5] == -99
+    assert (vertebra_level_shift(truth, np.where(np.arange(68)[:, None] == 9, np.nan, truth))[
+        np.arange(68) != 9] == 0).all()
+
+
+@pytest.mark.parametrize("pred, truth, message", [
+    (np.zeros((19, 2)), np.zeros((19, 2)), "pred must have shape"),
+    (np.zeros((68, 2)), np.zeros((2, 68, 2)), "truth must have the shape"),
+    ("corners", np.zeros((68, 2)), "pred must be"),
+])
+def test_vertebra_level_shift_refuses_bad_shapes(pred, truth, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        vertebra_level_shift(pred, truth)

@@ -51,7 +51,8 @@ def coordinate_modules(model):
 
 
 READINGS = {
-    "offset": dict(),
+    "default": dict(),
+    "offset": dict(position="none"),
     "linear": dict(position="linear"),
     "fourier": dict(position="fourier"),
     "moving": dict(offset_range=1.0, offset_init_std=0.1),
@@ -92,12 +93,17 @@ def test_reading_trains_a_step_on_both_cpu_backends(name):
         assert grads[n].abs().sum() > 0, n
 
 
-def test_readings_default_to_the_offset_model():
+def test_readings_default_to_the_offset_model_with_fourier_positions():
     model = tiny()
     assert (model.coord_mode, model.position, model.coord_source, model.vanilla_position) == (
-        "offset", "none", "features", "none")
-    assert all(m.attn.position is None for stage in model.decoder for m in stage.transformer)
+        "offset", "fourier", "features", "none")
+    assert all(m.attn.position is not None for stage in model.decoder for m in stage.transformer)
     assert [m.groups for m in coordinate_modules(model)] == [1, 1, 1, 1]
+    # The position default is the kind's: the deformable (DAT) and the other kinds have none.
+    for kind in ("deformable", "vanilla", "swin", "none"):
+        assert tiny(transformer=kind).position == "none", kind
+    assert tiny(position="none").position == "none"
+
 
 
 # --------------------------------------------------------------------------- coordinate-index features
@@ -169,7 +175,7 @@ def test_fourier_position_is_sampled_approximately():
 
 def test_learned_positions_start_as_the_model_without_them():
     torch.manual_seed(4)
-    plain = tiny()
+    plain = tiny(position="none")
     images = torch.randn(1, 1, 64, 64)
     for position in ("linear", "fourier"):
         model = tiny(position=position)
@@ -350,5 +356,6 @@ def test_config_without_the_reading_keys_gets_the_defaults():
 
     old = dict(in_channels=1, num_landmarks=3, base_channels=2, depths=[1, 1, 1, 1], heads=[8, 4, 2, 1],
                mlp_ratio=4.0, transformer="coor")
-    model = model_from_checkpoint({"model_config": old, "model": tiny().state_dict()})
-    assert model.config == tiny().config
+    # Such a model had no positions, though today's default for coor is the Fourier one.
+    model = model_from_checkpoint({"model_config": old, "model": tiny(position="none").state_dict()})
+    assert model.config == tiny(position="none").config and tiny().position == "fourier"

@@ -82,6 +82,10 @@ def test_non_power_of_two_size_512x368():
 
 @pytest.mark.parametrize("sample, coord_mode", [("qk", "offset"), ("kv", "offset"), ("qk", "absolute")])
 def test_gradients_reach_every_parameter(sample, coord_mode):
+    # Seeded: at base width 2 a CBAM channel MLP (2 -> 4 -> 2) starts with every ReLU dead
+    # for about one draw in ten of the initial weights (seed 0 of the default model is one),
+    # which is not what this test is about.
+    torch.manual_seed(1)
     model = tiny_detector(sample=sample, coord_mode=coord_mode, coord_groups=1)
     if coord_mode == "absolute":
         # ReLU coordinates: push the raw outputs positive so the ReLU passes gradients.

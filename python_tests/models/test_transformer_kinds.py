@@ -122,8 +122,8 @@ def test_kinds_build_the_right_attention(monkeypatch):
     images = torch.randn(1, 1, 64, 64)
     out = deformable(images)
     assert calls == ["kv"] * 4
-    # The deformable kind is coor_attention(sample="kv"): same weights, same output.
-    released = tiny("coor", sample="kv")
+    # The deformable kind is coor_attention(sample="kv") without positions: same weights, same output.
+    released = tiny("coor", sample="kv", position="none")
     released.load_state_dict(deformable.state_dict())
     torch.testing.assert_close(released(images), out)
 
