@@ -143,7 +143,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="epochs (default 10 on CPU, 40 on GPU for synthetic data; wins over --train-images)")
     add("--train-images", type=positive_int,
         help="budget of training images seen: epochs = ceil(budget / training images) (the cpu profile: "
-             f"{profiles.CPU_TRAIN_IMAGES})")
+             f"{profiles.CPU_TRAIN_IMAGES}, spine {profiles.CPU_SPINE_TRAIN_IMAGES})")
     add("--batch-size", type=positive_int,
         help="images per step and process (default 8 on CPU, 4 on GPU; the paper: 2)")
     add("--lr", type=positive_float, default=1e-3, help="peak learning rate of the cyclic schedule (Adam)")
