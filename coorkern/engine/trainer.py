@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .. import conformal, metrics
 from .. import data as data_mod
 from ..losses import heatmap_loss
-from ..models.detector import DEFAULT_POSITIONS
+from ..models.detector import default_position
 from . import profiles
 from .checkpoints import build_model, load_checkpoint, save_checkpoint, set_rng_state, update_checkpoint
 from .cobb import format_cobb
@@ -93,7 +93,7 @@ def _resolve(args, device: torch.device) -> None:
     if args.augment is None:
         args.augment = args.data != "synthetic"
     if args.position is None:  # written out, so that config.yaml keeps meaning this model
-        args.position = DEFAULT_POSITIONS.get(args.transformer, "none")
+        args.position = default_position(args.transformer)
 
 
 def common_spacing(dataset) -> Optional[list]:

@@ -23,7 +23,7 @@ from .blocks import ConvBNReLU, DecoderStage
 from .coordinates import COORD_MODES, COORD_SOURCES, CoordinateModule
 from .transformer import COORDINATE_KINDS, CoorTransformerBlock
 
-__all__ = ["CoorDetector", "DEFAULT_POSITIONS", "POSITIONS", "TRANSFORMER_KINDS", "VANILLA_POSITIONS"]
+__all__ = ["CoorDetector", "DEFAULT_POSITIONS", "default_position", "POSITIONS", "TRANSFORMER_KINDS", "VANILLA_POSITIONS"]
 
 TRANSFORMER_KINDS = ("coor", "deformable", "swin", "vanilla", "none")
 POSITIONS = ("none", "linear", "fourier")  # what the coordinate kinds add to Q/K before sampling
@@ -31,6 +31,11 @@ POSITIONS = ("none", "linear", "fourier")  # what the coordinate kinds add to Q/
 # paper's coordinate attention (the reading that measured best, bench/EXPERIMENTS.md), none for
 # the others (DAT's deformable attention has no such features).
 DEFAULT_POSITIONS = {"coor": "fourier"}
+
+
+def default_position(transformer: str) -> str:
+    """The ``position`` a detector of kind ``transformer`` gets when none is given."""
+    return DEFAULT_POSITIONS.get(transformer, "none")
 VANILLA_POSITIONS = ("none", "sincos")  # what the vanilla kind adds to Q/K
 
 
@@ -129,7 +134,7 @@ class CoorDetector(nn.Module):
         self.coord_lr_mult = check_number("coord_lr_mult", coord_lr_mult, minimum=0.0)
         self.coord_source = check_choice("coord_source", coord_source, COORD_SOURCES)
         self.position = check_choice(
-            "position", DEFAULT_POSITIONS.get(self.transformer, "none") if position is None else position, POSITIONS)
+            "position", default_position(self.transformer) if position is None else position, POSITIONS)
         self.vanilla_position = check_choice("vanilla_position", vanilla_position, VANILLA_POSITIONS)
 
         c = base_channels

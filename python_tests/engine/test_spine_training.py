@@ -189,3 +189,19 @@ def test_predict_on_a_spine_model_gives_the_angles_in_the_images_pixels(spine_ru
     assert len(rows) == 68 and list(rows[0])[-3:] == list(predictor.COBB_CSV_FIELDS)
     assert {float(r["cobb_main"]) for r in rows} == {entry["cobb_angles"]["main"]}
     assert math.isclose(float(rows[5]["x"]), entry["landmarks_px"][5][0])
+
+
+def test_tensorboard_overlays_and_heatmaps_work_with_68_landmarks(spine_run):
+    """Issue 28: the TensorBoard images of a spine run (68 landmarks) are written every epoch."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = spine_run[0]
+    train.main(TINY + ["--data", "spine", "--root", str(root / "copy"), "--epochs", "1", "--tensorboard",
+                       "--out", str(root / "tb")])
+    (events,) = (root / "tb" / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert {"val/overlays", "val/heatmaps"} <= set(acc.Tags()["images"])
+    assert [e.step for e in acc.Images("val/overlays")] == [1]
+    assert "val/mre" in acc.Tags()["scalars"]
