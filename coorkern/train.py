@@ -153,6 +153,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     add("--loss", choices=LOSSES, default="central", help="heatmap loss")
     add("--r", type=float, default=2.0, help="central loss exponent r (0 = BCE)")
+    add("--pos-weight", type=positive_float,
+        help="--loss wbce: weight of the positive (target) term; default the map's area over the Gaussian's, "
+             "H*W / (2 pi sigma^2)")
     add("--sigma", type=positive_float, default=2.0, help="Gaussian target sigma in pixels of the input")
     add("--select", choices=("mre", "loss"), default="mre", help="best checkpoint by validation MRE or loss")
 
@@ -213,6 +216,8 @@ def parse_args(argv: Sequence[str]) -> Options:
             args.out = str(Path(resume_ckpt["path"]).parent)
     if args.min_lr > args.lr:
         parser.error(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    if getattr(args, "pos_weight", None) is not None and args.loss != "wbce":
+        parser.error(f"--pos-weight is the weight of --loss wbce, not of --loss {args.loss}")
     if args.workers < 0:
         parser.error("--workers must be >= 0")
     if args.data != "synthetic" and not args.root:

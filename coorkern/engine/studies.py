@@ -11,7 +11,10 @@ writes the report.  ``coorkern experiments`` is the command over both.
 Besides the paper's variants, the transformer study has extra ones that only run when
 ``--variants`` names them (:data:`READING_VARIANTS`): the coordinate attention with one
 reading of the coordinate module changed (``coor+linear``, ``coor+range8``, ...) and
-``vanilla+sincos`` (docs/design/detector.md explains the readings).
+``vanilla+sincos`` (docs/design/detector.md explains the readings).  The loss study's extra
+variants (:data:`LOSS_VARIANTS`) give a loss its own learning rate (``focal+lr0.01``), weighted
+BCE another positive weight (``wbce+w10``) and BCE the prior initial bias (``bce+prior``): the
+screen that makes the Table II baselines fair.
 
 Splits, fixed and listed (checkpoint selection never on the reported images):
 
@@ -43,7 +46,7 @@ from .files import atomic_write_bytes, write_json
 from .profiles import PROFILES
 from .trainer import READING_OPTIONS
 
-__all__ = ["STUDIES", "READING_VARIANTS", "ISBI_HOLDOUT", "StudyRun", "run_name", "studies_of", "selected_variants",
+__all__ = ["STUDIES", "READING_VARIANTS", "LOSS_VARIANTS", "ISBI_HOLDOUT", "StudyRun", "run_name", "studies_of", "selected_variants",
            "plan_runs", "train_command", "common_train_args", "check_same_options", "run_all"]
 
 # The folder that holds the coorkern package: the training subprocesses import this checkout's coorkern.
@@ -98,6 +101,52 @@ READING_VARIANTS = {
     "vanilla+sincos": _reading("vanilla", vanilla_position="sincos"),
 }
 STUDIES["transformer"]["extra_variants"] = READING_VARIANTS
+
+# The training options a loss study variant may set besides its loss (``coorkern train`` options of
+# the same names): its own learning rate (the cyclic schedule's peak and floor, kept 10:1 as in the
+# profiles), weighted BCE's positive weight and the heatmap head's initial bias.  A loss that does
+# not train at the shared settings is no baseline, so each loss gets the rate (and wBCE the weight)
+# that validates best (issue 30, item 5; docs/experiments.md).
+LOSS_OPTIONS = ("lr", "min_lr", "pos_weight", "head_bias")
+SCREEN_LRS = (3e-3, 1e-2)  # besides the profiles' 1e-3
+SCREEN_POS_WEIGHTS = (10.0, 100.0)  # besides the area ratio (about 2,100 at the cpu profile's ISBI maps)
+# BCE's "prior" initial bias: the logit of a Gaussian target's mean over the cpu profile's ISBI map,
+# log(2 pi sigma^2 / (H W - 2 pi sigma^2)) at 256x208 and sigma 2 (RetinaNet's prior initialisation).
+# With the default -4, BCE's trained maps peak at the bias itself (pixels with no feature response)
+# and the landmarks never rise above it (measured: docs/experiments.md).
+BCE_PRIOR_BIAS = -7.7
+
+
+def _loss_variant(loss: str, lr: Optional[float] = None, pos_weight: Optional[float] = None,
+                  head_bias: Optional[float] = None) -> dict:
+    settings = dict(transformer="none", loss=loss, **({"r": 2.0} if loss == "central" else {}))
+    if lr is not None:
+        settings.update(lr=lr, min_lr=float(f"{lr / 10:g}"))  # 3e-4, not 3.0000000000000003e-4
+    if pos_weight is not None:
+        settings["pos_weight"] = pos_weight
+    if head_bias is not None:
+        settings["head_bias"] = head_bias
+    return settings
+
+
+def _loss_variant_name(loss: str, lr: Optional[float], pos_weight: Optional[float],
+                       head_bias: Optional[float]) -> str:
+    return (loss + (f"+w{pos_weight:g}" if pos_weight is not None else "")
+            + ("+prior" if head_bias is not None else "") + (f"+lr{lr:g}" if lr is not None else ""))
+
+
+# Extra variants of the loss study: ``bce+lr0.003``, ``wbce+w100``, ``bce+prior+lr0.01``, ...
+LOSS_VARIANTS = {
+    _loss_variant_name(loss, lr, w, b): _loss_variant(loss, lr, w, b)
+    for loss in ("central", "bce", "wbce", "focal")
+    for w in ((None, *SCREEN_POS_WEIGHTS) if loss == "wbce" else (None,))
+    for b in ((None, BCE_PRIOR_BIAS) if loss == "bce" else (None,))
+    for lr in (None, *SCREEN_LRS)
+    if lr is not None or w is not None or b is not None
+}
+STUDIES["loss"]["extra_variants"] = LOSS_VARIANTS
+# Every option a variant may set, in the order its folder name spells them.
+VARIANT_OPTIONS = READING_OPTIONS + LOSS_OPTIONS
 # ISBI 2015 holdout protocol: image ids of each part (validation: best epoch and conformal radii).
 ISBI_HOLDOUT = {"train": list(range(1, 86)), "val": list(range(86, 101)), "test": list(range(101, 151))}
 SPINE_HOLDOUT = ("holdout_train", "holdout_val", "holdout_test")
@@ -129,7 +178,7 @@ def run_name(settings: dict) -> str:
     """The folder name of a variant's runs, e.g. ``none-central-r2`` or ``coor-central-r2+position-fourier``."""
     name = f"{settings['transformer']}-{settings['loss']}"
     name += f"-r{settings['r']:g}" if settings["loss"] == "central" else ""
-    return name + "".join(f"+{key}-{_option_text(settings[key])}" for key in READING_OPTIONS if key in settings)
+    return name + "".join(f"+{key}-{_option_text(settings[key])}" for key in VARIANT_OPTIONS if key in settings)
 
 
 # ---------------------------------------------------------------------------
@@ -175,7 +224,7 @@ def train_command(run: StudyRun, common: Sequence[str], threads: int) -> list:
         return [sys.executable, "-m", "coorkern.train", "--resume", str(run.folder / "checkpoint_last.pt"), *runtime]
     s = run.settings
     variant = ["--transformer", s["transformer"], "--loss", s["loss"]] + (["--r", f"{s['r']:g}"] if "r" in s else [])
-    for key in READING_OPTIONS:
+    for key in VARIANT_OPTIONS:
         if key in s:
             variant += ["--" + key.replace("_", "-"), _option_text(s[key])]
     return [sys.executable, "-m", "coorkern.train", *common, *variant, "--seed", str(run.seed),

@@ -226,7 +226,8 @@ class Run:
         return len(self.loader)
 
     def loss(self, logits: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        return heatmap_loss(self.args.loss, logits, landmarks, self.args.sigma, self.args.r)
+        return heatmap_loss(self.args.loss, logits, landmarks, self.args.sigma, self.args.r,
+                            getattr(self.args, "pos_weight", None))
 
     @property
     def eval_batch_size(self) -> int:
