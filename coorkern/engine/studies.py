@@ -145,6 +145,9 @@ LOSS_VARIANTS = {
     if lr is not None or w is not None or b is not None
 }
 STUDIES["loss"]["extra_variants"] = LOSS_VARIANTS
+# The fair reference of the tuned baselines: the central loss at the rate it validated best at
+# (compared when the report includes it, besides the paper's central at the profile's rate).
+STUDIES["loss"]["compare"] = ["central+lr0.01"]
 # Every option a variant may set, in the order its folder name spells them.
 VARIANT_OPTIONS = READING_OPTIONS + LOSS_OPTIONS
 # ISBI 2015 holdout protocol: image ids of each part (validation: best epoch and conformal radii).

@@ -9,8 +9,9 @@ its seeds:
 
 * held-out MRE / SDR (mean ± std over seeds) and the paired t-test
   (``scipy.stats.ttest_rel``) of the per-image MRE, averaged over seeds, against the
-  study's reference and its ``compare`` variants (the transformer study: against ``none``
-  and ``vanilla`` as well as ``coor``);
+  study's reference and its ``compare`` variants where the report includes them (the
+  transformer study: against ``none`` and ``vanilla`` as well as ``coor``; the loss study:
+  against ``central+lr0.01`` as well as ``central``);
 * convergence, from the validation split only (Fig. 9's claim): validation MRE at the
   epochs of :data:`CONVERGENCE_EPOCHS`, the best validation MRE of the seed-mean curve and
   its epoch, the validation MRE of the selected checkpoints (what variants are chosen by),
@@ -231,7 +232,8 @@ def summarize(variants: dict, runs: list) -> dict:
             rows[variant] = _variant_row(name, settings, done, seeds) if done else {"run": name, "seeds": [],
                                                                                     "missing": seeds}
         reference = STUDIES[study]["reference"]
-        compare = [reference] + [v for v in STUDIES[study].get("compare", ()) if v != reference]
+        # The study's other compared variants where this report includes them.
+        compare = [reference] + [v for v in STUDIES[study].get("compare", ()) if v != reference and v in rows]
         for variant, row in rows.items():
             if not row.get("per_image_mre"):
                 continue

@@ -90,3 +90,10 @@ def test_the_loss_study_screens_rates_and_weights_on_request(tmp_path):
         assert options.min_lr == pytest.approx(options.lr / 10)
     with pytest.raises(ValueError, match="bce\\+lr5"):
         studies.selected_variants(["loss"], "bce+lr5")
+
+
+def test_every_compared_variant_is_one_the_study_can_run():
+    for name, study in studies.STUDIES.items():
+        known = {**study["variants"], **study.get("extra_variants", {})}
+        assert set(study.get("compare", ())) <= set(known), name
+    assert studies.STUDIES["loss"]["compare"] == ["central+lr0.01"]
