@@ -12,8 +12,10 @@ Studies (the paper's tables and figures):
   ``coor+absolute`` (``--coord-mode absolute``), ``coor+range8`` (``--offset-range 8``),
   ``coor+init0.1`` (``--offset-init-std 0.1``), ``coor+lr10`` (``--coord-lr-mult 10``; ``coor+offset+lr10`` without positions),
   ``coor+queries`` (``--coord-source queries``), ``coor+perhead`` (``--coord-groups 8``),
-  ``deformable+linear`` and ``vanilla+sincos`` (``--vanilla-position sincos``).  Any other
-  reading goes to every run through ``--train-args "--offset-range 2"``.
+  ``deformable+linear`` and ``vanilla+sincos`` (``--vanilla-position sincos``); and
+  ``none+lr0.01``, ``vanilla+lr0.01``, ``coor+lr0.01`` (``--lr 0.01 --min-lr 0.001``, the rate
+  the loss study validated best).  Any other reading goes to every run through
+  ``--train-args "--offset-range 2"``.
 
 Every run is an ordinary ``python -m coorkern.train`` process with its own folder
 ``OUT/runs/<variant>/seed<k>`` (``--jobs`` at a time, the CPU threads split between
@@ -51,7 +53,7 @@ from . import data as data_mod
 from .engine.cli_args import HelpFormatter, description, positive_int, prog
 from .engine.config import add_config_option, parse_with_config, plain_options, write_config
 from .engine.profiles import PROFILE_CHOICES
-from .engine.studies import (READING_VARIANTS, STUDIES, check_same_options, common_train_args, plan_runs, run_all,
+from .engine.studies import (STUDIES, check_same_options, common_train_args, plan_runs, run_all,
                              selected_variants, studies_of)
 from .engine.study_report import write_report
 
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"), help="override the input size")
     p.add_argument("--variants", help="comma-separated subset, e.g. bce,central or coor,swin "
                                       f"(names: {', '.join(v for s in STUDIES.values() for v in s['variants'])}; "
-                                      f"transformer study extras: {', '.join(READING_VARIANTS)})")
+                                      f"transformer study extras: {', '.join(STUDIES['transformer']['extra_variants'])}; "
+                                      f"loss study extras: {', '.join(STUDIES['loss']['extra_variants'])})")
     p.add_argument("--isbi-protocol", default="holdout", choices=("holdout", "paper"),
                    help="isbi2015: holdout = images 1-85 train / 86-100 validation / 101-150 held out; "
                         "paper = 1-150 (136-150 validation) / 151-400")

@@ -216,7 +216,7 @@ def parse_args(argv: Sequence[str]) -> Options:
             args.out = str(Path(resume_ckpt["path"]).parent)
     if args.min_lr > args.lr:
         parser.error(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
-    if getattr(args, "pos_weight", None) is not None and args.loss != "wbce":
+    if args.pos_weight is not None and args.loss != "wbce":
         parser.error(f"--pos-weight is the weight of --loss wbce, not of --loss {args.loss}")
     if args.workers < 0:
         parser.error("--workers must be >= 0")

@@ -11,7 +11,8 @@ writes the report.  ``coorkern experiments`` is the command over both.
 Besides the paper's variants, the transformer study has extra ones that only run when
 ``--variants`` names them (:data:`READING_VARIANTS`): the coordinate attention with one
 reading of the coordinate module changed (``coor+linear``, ``coor+range8``, ...) and
-``vanilla+sincos`` (docs/design/detector.md explains the readings).  The loss study's extra
+``vanilla+sincos`` (docs/design/detector.md explains the readings), and ``none``, ``vanilla`` and
+``coor`` at the learning rate the loss study validated best (``coor+lr0.01``, :data:`RATE_VARIANTS`).  The loss study's extra
 variants (:data:`LOSS_VARIANTS`) give a loss its own learning rate (``focal+lr0.01``), weighted
 BCE another positive weight (``wbce+w10``) and BCE the prior initial bias (``bce+prior``): the
 screen that makes the Table II baselines fair.
@@ -46,7 +47,7 @@ from .files import atomic_write_bytes, write_json
 from .profiles import PROFILES
 from .trainer import READING_OPTIONS
 
-__all__ = ["STUDIES", "READING_VARIANTS", "LOSS_VARIANTS", "ISBI_HOLDOUT", "StudyRun", "run_name", "studies_of", "selected_variants",
+__all__ = ["STUDIES", "READING_VARIANTS", "LOSS_VARIANTS", "RATE_VARIANTS", "ISBI_HOLDOUT", "StudyRun", "run_name", "studies_of", "selected_variants",
            "plan_runs", "train_command", "common_train_args", "check_same_options", "run_all"]
 
 # The folder that holds the coorkern package: the training subprocesses import this checkout's coorkern.
@@ -117,11 +118,16 @@ SCREEN_POS_WEIGHTS = (10.0, 100.0)  # besides the area ratio (about 2,100 at the
 BCE_PRIOR_BIAS = -7.7
 
 
+def _with_rate(settings: dict, lr: float) -> dict:
+    """``settings`` trained at peak rate ``lr`` and floor ``lr / 10`` (the profiles' 10:1)."""
+    return {**settings, "lr": lr, "min_lr": float(f"{lr / 10:g}")}  # 3e-4, not 3.0000000000000003e-4
+
+
 def _loss_variant(loss: str, lr: Optional[float] = None, pos_weight: Optional[float] = None,
                   head_bias: Optional[float] = None) -> dict:
     settings = dict(transformer="none", loss=loss, **({"r": 2.0} if loss == "central" else {}))
     if lr is not None:
-        settings.update(lr=lr, min_lr=float(f"{lr / 10:g}"))  # 3e-4, not 3.0000000000000003e-4
+        settings = _with_rate(settings, lr)
     if pos_weight is not None:
         settings["pos_weight"] = pos_weight
     if head_bias is not None:
@@ -148,6 +154,15 @@ STUDIES["loss"]["extra_variants"] = LOSS_VARIANTS
 # The fair reference of the tuned baselines: the central loss at the rate it validated best at
 # (compared when the report includes it, besides the paper's central at the profile's rate).
 STUDIES["loss"]["compare"] = ["central+lr0.01"]
+# Table IV again at the rate every loss validated best at (1e-2, the loss study's screen on the
+# validation split), the same for the three models the target compares: ``none+lr0.01``,
+# ``vanilla+lr0.01``, ``coor+lr0.01`` (none's runs are the loss study's ``central+lr0.01``).
+# Not to be confused with ``coor+lr10``, the coordinate head's rate multiplier.
+TRANSFORMER_RATE = 1e-2
+RATE_VARIANTS = {f"{name}+lr{TRANSFORMER_RATE:g}": _with_rate(STUDIES["transformer"]["variants"][name], TRANSFORMER_RATE)
+                 for name in ("none", "vanilla", "coor")}
+STUDIES["transformer"]["extra_variants"] = {**READING_VARIANTS, **RATE_VARIANTS}
+STUDIES["transformer"]["compare"] += list(RATE_VARIANTS)[:2]
 # Every option a variant may set, in the order its folder name spells them.
 VARIANT_OPTIONS = READING_OPTIONS + LOSS_OPTIONS
 # ISBI 2015 holdout protocol: image ids of each part (validation: best epoch and conformal radii).

@@ -121,6 +121,16 @@ def test_the_transformer_study_has_reading_variants_on_request(tmp_path):
         for key in studies.READING_OPTIONS:
             if key in settings:
                 assert getattr(options, key) == settings[key], (name, key)
+    rates = studies.selected_variants(["transformer"], "none+lr0.01,vanilla+lr0.01,coor+lr0.01")["transformer"]
+    runs = {r.name: r for r in studies.plan_runs({"transformer": rates}, [0], tmp_path)}
+    # none at the higher rate is the loss study's central+lr0.01: trained once for both tables.
+    assert studies.run_name(studies.LOSS_VARIANTS["central+lr0.01"]) in runs
+    assert set(runs) == {"none-central-r2+lr-0.01+min_lr-0.001", "vanilla-central-r2+lr-0.01+min_lr-0.001",
+                         "coor-central-r2+position-fourier+lr-0.01+min_lr-0.001"}
+    for run in runs.values():  # the rate reaches the command line; the model is the paper variant's
+        options = train.parse_args(studies.train_command(run, [], 1)[3:]).args
+        assert (options.lr, options.min_lr, options.transformer) == (0.01, 0.001, run.settings["transformer"])
+    assert {"none+lr0.01", "vanilla+lr0.01"} <= set(studies.STUDIES["transformer"]["compare"])
     with pytest.raises(ValueError, match="coor\\+nothing"):
         studies.selected_variants(["transformer"], "coor+nothing")
     with pytest.raises(ValueError, match="coor\\+linear"):
